@@ -1,0 +1,5 @@
+import sys
+
+from mslora.cli import main
+
+sys.exit(main())

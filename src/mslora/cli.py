@@ -1,0 +1,196 @@
+"""Command line: ``mslora train | eval | params``.
+
+Options come from the config dataclasses (:class:`mslora.engine.TrainConfig` and the chosen method's
+config), their help from the comment on each field. Precedence: defaults < ``--config FILE.yaml`` < flags.
+A user's mistake exits with status 2 and one line on stderr (set MSLORA_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mslora.registry import get_method, list_methods
+
+_TRAIN_ONLY = {"method_options"}
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field line in the dataclass source (the fields' only docs)."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.M))
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
+    """One ``--name`` option per dataclass field, default SUPPRESS so only given flags appear."""
+    hints, helps = typing.get_type_hints(cls), _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            tp = next(a for a in args if a is not type(None))  # Optional[X] -> X
+            args = typing.get_args(tp)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {default})")
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple:
+            kw.update(nargs="+", type=args[0], metavar=f.name.upper())
+        elif tp in (int, float, str):
+            kw.update(type=tp, metavar=f.name.upper())
+        else:
+            continue
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def _load_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file '{p}' does not exist")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file '{p}' must hold a mapping of option: value, got {type(values).__name__}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def _train_config(argv: list[str]):
+    """Parse ``mslora train`` arguments into a TrainConfig (defaults < YAML < flags)."""
+    from mslora.engine import TrainConfig
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--method")
+    known, _ = pre.parse_known_args(argv)
+    from_yaml = _load_yaml(known.config)
+    method = known.method or from_yaml.get("method") or TrainConfig.method
+    spec = get_method(method)
+
+    parser = argparse.ArgumentParser(prog="mslora train", description="Train a method on a backbone and dataset; "
+                                     "with no arguments, the main job (see README).")
+    parser.add_argument("--config", help="YAML file of option: value (flags override it)")
+    _add_fields(parser.add_argument_group("training"), TrainConfig, _TRAIN_ONLY)
+    _add_fields(parser.add_argument_group(f"options of method '{method}'"), spec.config_cls)
+    flags = vars(parser.parse_args(argv))
+    flags.pop("config", None)
+
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - _TRAIN_ONLY
+    method_names = {f.name for f in dataclasses.fields(spec.config_cls)}
+    values = {**from_yaml, **flags}
+    unknown = sorted(set(values) - train_names - method_names - {"method_options"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} in {known.config}; expected training options or "
+                         f"options of method '{method}': {', '.join(sorted(method_names)) or '(none)'}")
+    options = {**values.get("method_options", {}), **{k: v for k, v in values.items() if k in method_names}}
+    return TrainConfig(**{k: v for k, v in values.items() if k in train_names}, method_options=options)
+
+
+def cmd_train(argv: list[str]) -> int:
+    from mslora.engine import train
+
+    metrics, run = train(_train_config(argv))
+    print(json.dumps({k: metrics[k] for k in ("method", "backbone", "trainable_params", "val_top1", "test_top1",
+                                               "test_top5", "seconds")}))
+    print(f"run directory: {run}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from mslora.engine import evaluate_adapter
+
+    p = argparse.ArgumentParser(prog="mslora eval", description="Evaluate a trained adapter on the test split.")
+    p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file")
+    p.add_argument("--data", help="data source (default: the one the adapter was trained on)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the training batch size)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    a = p.parse_args(argv)
+    print(json.dumps(evaluate_adapter(a.adapter, a.data, a.batch_size, a.workers), indent=2))
+    return 0
+
+
+def cmd_params(argv: list[str]) -> int:
+    import timm
+    import torch
+
+    import mslora
+    from mslora.backbones import check_backbone_name
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="mslora")
+    method = pre.parse_known_args(argv)[0].method
+    spec = get_method(method)
+    p = argparse.ArgumentParser(prog="mslora params", description="Count parameters of an adapted backbone "
+                                "without training (the model is built on the meta device: no memory, no weights).")
+    p.add_argument("--backbone", required=True, help="timm model name")
+    p.add_argument("--method", default="mslora", help=f"one of {', '.join(list_methods())}")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    _add_fields(p.add_argument_group(f"options of method '{method}'"), spec.config_cls)
+    a = vars(p.parse_args(argv))
+    check_backbone_name(a["backbone"])
+    options = {k: v for k, v in a.items() if k in {f.name for f in dataclasses.fields(spec.config_cls)}}
+    with torch.device("meta"):
+        model = timm.create_model(a["backbone"], num_classes=a["num_classes"])
+    counts = mslora.count_parameters(mslora.adapt(model, method, **options))
+    if a["json"]:
+        print(json.dumps(counts))
+    else:
+        base = counts["backbone_params"] + counts["head_params"]
+        for k, v in counts.items():
+            print(f"{k:>17}: {v:>12,}  ({100 * v / base:.2f}% of the unadapted model)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mslora`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"usage: mslora {{{','.join(COMMANDS)}}} [options]; 'mslora COMMAND --help' for each")
+            return 0
+        if argv:
+            print(f"mslora: error: unknown command '{argv[0]}'; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        argv = ["train"]  # bare `mslora` runs the main job too
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, OSError) as e:
+        if os.environ.get("MSLORA_DEBUG"):
+            raise
+        # Errors from DataLoader workers arrive wrapped, with the worker's traceback in the message:
+        # the last line holds the original error.
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        msg = re.sub(r"^(ValueError|OSError|FileNotFoundError): ", "", lines[-1])
+        print(f"mslora: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mslora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

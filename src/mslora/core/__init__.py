@@ -1,0 +1,1 @@
+"""What every method shares: placement and injection, feature layouts, adapter state."""

@@ -1,0 +1,204 @@
+"""Find where adapters go in a timm backbone, freeze the backbone, attach feature-space adapters.
+
+Placement follows MSLoRA Sec. 3 and Fig. 2 (right): one module after every block of transformer and
+modern CNN backbones, and inside ResNet/ResNeXt bottlenecks at the bottleneck width. Backbones the
+rules do not know take an explicit ``target_modules`` regex.
+
+Feature-space adapters are attached as a child module of the target (so backbone parameter names do
+not change and backbone checkpoints still load) and run by a forward hook on the target's output.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mslora.core.layout import Layout
+
+# (timm model class names, regex over module names, layout). A class matches when it or one of its
+# base classes has one of the names, so DeiT-distilled matches VisionTransformer.
+_BLOCK_RULES: list[tuple[tuple[str, ...], str, str]] = [
+    (("VisionTransformer", "Eva", "Beit", "VisionTransformerRelPos"), r"blocks\.\d+", "tokens"),
+    (("SwinTransformer", "SwinTransformerV2"), r"layers\.\d+\.blocks\.\d+", "nhwc"),
+    (("ConvNeXt",), r"stages\.\d+\.blocks\.\d+", "nchw"),
+    (("EfficientNet", "MobileNetV3"), r"blocks\.\d+\.\d+", "nchw"),
+    (("RegNet",), r"s\d+\.b\d+", "nchw"),
+]
+# Families whose blocks output the un-normalised residual stream (pre-norm design, Sec. 4.1): MSLoRA
+# prepends a LayerNorm at its input there.
+PRE_NORM_FAMILIES = ("VisionTransformer", "Eva", "Beit", "VisionTransformerRelPos", "SwinTransformer",
+                     "SwinTransformerV2", "ConvNeXt")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place where an adapter goes.
+
+    Attributes:
+        name: qualified module name in the model (``model.get_submodule(name)``).
+        layout: layout of that module's output.
+        channels: channel count C of that output.
+    """
+
+    name: str
+    layout: Layout
+    channels: int
+
+
+def family(model: nn.Module) -> str | None:
+    """The first known timm family name among the model's classes (for placement rules), or None."""
+    known = {n for rule in _BLOCK_RULES for n in rule[0]} | {"ResNet"}
+    for cls in type(model).__mro__:
+        if cls.__name__ in known:
+            return cls.__name__
+    return None
+
+
+def block_names(model: nn.Module) -> tuple[list[str], str]:
+    """Module names of the adapter sites by the family rules, and their layout kind.
+
+    Raises:
+        ValueError: the backbone's family has no placement rule (pass ``target_modules``).
+    """
+    fam = family(model)
+    if fam == "ResNet":
+        # Inside each bottleneck after the 3x3 conv's activation, i.e. at the bottleneck width (Fig. 2 right);
+        # BasicBlock has no bottleneck, its inner width is after act1.
+        names = []
+        for name, mod in model.named_modules():
+            if re.fullmatch(r"layer\d+\.\d+", name):
+                names.append(f"{name}.act2" if hasattr(mod, "conv3") else f"{name}.act1")
+        return names, "nchw"
+    for classes, pattern, kind in _BLOCK_RULES:
+        if fam in classes:
+            return [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)], kind
+    raise ValueError(
+        f"no automatic adapter placement for {type(model).__name__}; pass target_modules=REGEX "
+        f"(a regular expression over module names, e.g. 'stages\\.\\d+\\.blocks\\.\\d+')"
+    )
+
+
+def find_sites(model: nn.Module, target_modules: str | None = None, layout: str = "auto") -> list[Site]:
+    """Adapter sites of ``model`` with the layout and channel count of each site's output.
+
+    Args:
+        model: a timm model.
+        target_modules: regex matched in full against module names; None uses the family rules.
+        layout: with ``target_modules``: ``"auto"`` (3D output -> tokens, 4D -> nchw), ``"nchw"``,
+            ``"nhwc"`` or ``"tokens"``.
+
+    Channel counts come from one forward pass of a zero image at the model's input size (on the model's
+    device, so a model on the meta device costs nothing).
+
+    Raises:
+        ValueError: the regex is invalid or matches no module, or the family has no rule.
+    """
+    if target_modules is None:
+        names, kind = block_names(model)
+    else:
+        try:
+            rx = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules='{target_modules}' is not a valid regex: {e}") from None
+        names = [n for n, _ in model.named_modules() if n and rx.fullmatch(n)]
+        kind = layout
+    if not names:
+        raise ValueError(f"target_modules='{target_modules}' matches no module of {type(model).__name__}")
+    shapes = _probe_output_shapes(model, names)
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    sites = []
+    for name in names:
+        shape = shapes.get(name)
+        if shape is None:
+            raise ValueError(f"module '{name}' did not run in a forward pass, so no adapter can act on it")
+        k = kind if kind != "auto" else ("tokens" if len(shape) == 3 else "nchw")
+        lay = Layout(k, prefix if k == "tokens" else 0, tuple(grid) if (k == "tokens" and grid) else None)
+        sites.append(Site(name, lay, shape[1] if k == "nchw" else shape[-1]))
+    return sites
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model expects by default: its patch embedding's fixed size, else its pretrained_cfg."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is not None:
+        h, w = fixed
+    return c, h, w
+
+
+def _probe_output_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(_m, _a, out) -> None:  # returns None: the output is left as it is
+            if torch.is_tensor(out):
+                shapes.setdefault(name, tuple(out.shape))
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    p = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size(model), device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def head_module(model: nn.Module) -> list[str]:
+    """Qualified names of the classifier head modules (timm ``get_classifier()``); empty if none."""
+    get = getattr(model, "get_classifier", None)
+    if get is None:
+        return []
+    heads = get()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    ids = {id(h) for h in heads if isinstance(h, nn.Module)}
+    return [n for n, m in model.named_modules() if id(m) in ids and n]
+
+
+def _keep_eval(module: nn.Module, _args) -> None:
+    # Frozen BatchNorm: normalise with the pretrained running statistics even in train mode (Sec. 4.1).
+    module.training = False
+
+
+def freeze_backbone(model: nn.Module, trainable_prefixes: list[str]) -> None:
+    """Freeze every parameter except those under ``trainable_prefixes`` and freeze BatchNorm statistics.
+
+    BatchNorm layers outside the trainable prefixes get a forward pre-hook that puts them in eval mode,
+    so ``model.train()`` leaves their running statistics unchanged and they normalise with them; other
+    train-mode behaviour (DropPath, dropout) stays active, as MSLoRA Sec. 4.1 prescribes.
+    """
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(t + ".") for t in trainable_prefixes))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+            name == t or name.startswith(t + ".") for t in trainable_prefixes
+        ):
+            m.register_forward_pre_hook(_keep_eval)
+
+
+def _run_adapter(attr: str):
+    def hook(module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
+        return getattr(module, attr)(output)
+
+    return hook
+
+
+def attach(model: nn.Module, site: Site, attr: str, adapter: nn.Module) -> None:
+    """Attach ``adapter`` as child ``attr`` of the site's module and run it on that module's output.
+
+    The adapter is moved to the device and dtype of the model's parameters.
+    """
+    target = model.get_submodule(site.name)
+    p = next(model.parameters())
+    target.add_module(attr, adapter.to(device=p.device, dtype=p.dtype))
+    target.register_forward_hook(_run_adapter(attr))

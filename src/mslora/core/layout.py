@@ -1,0 +1,76 @@
+"""Feature layouts: NCHW maps, NHWC maps and token sequences with prefix tokens, to and from NCHW.
+
+Feature-space adapters (MSLoRA, Sec. 3) work on 2D maps. Backbones hand them three layouts:
+- ``nchw``: (B, C, H, W), CNNs (ResNet, ConvNeXt, EfficientNet, RegNet, ...);
+- ``nhwc``: (B, H, W, C), timm Swin blocks;
+- ``tokens``: (B, P + H*W, C) with P prefix tokens (class, distillation, register tokens) first,
+  ViT / DeiT blocks. Patch tokens are reshaped to their (H, W) grid, prefix tokens pass through unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("nchw", "nhwc", "tokens")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a feature tensor is laid out.
+
+    Attributes:
+        kind: one of ``"nchw"``, ``"nhwc"``, ``"tokens"``.
+        num_prefix_tokens: tokens layout only: leading tokens that are not patches.
+        grid_size: tokens layout only: (H, W) of the patch grid at the model's default input size; when the
+            patch count differs (another input size) a square grid is assumed.
+    """
+
+    kind: str = "nchw"
+    num_prefix_tokens: int = 0
+    grid_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYOUTS:
+            raise ValueError(f"layout='{self.kind}' is not one of {', '.join(LAYOUTS)}")
+
+    def channels(self, x: torch.Tensor) -> int:
+        """Channel count C of a feature tensor in this layout."""
+        return x.shape[1] if self.kind == "nchw" else x.shape[-1]
+
+    def to_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``(maps, prefix)``: maps (B, C, H, W) (a view where possible) and prefix tokens (B, P, C) or None.
+
+        Raises:
+            ValueError: a tokens tensor whose patch count fits neither ``grid_size`` nor a square grid.
+        """
+        if self.kind == "nchw":
+            return x, None
+        if self.kind == "nhwc":
+            return x.permute(0, 3, 1, 2), None  # (B, H, W, C) -> (B, C, H, W), channels_last view
+        p = self.num_prefix_tokens
+        prefix, patches = x[:, :p], x[:, p:]  # (B, P, C), (B, N, C)
+        b, n, c = patches.shape
+        h, w = self._grid(n)
+        return patches.transpose(1, 2).reshape(b, c, h, w), prefix  # (B, C, H, W)
+
+    def from_2d(self, maps: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of :meth:`to_2d`: maps (B, C, H, W) back to this layout."""
+        if self.kind == "nchw":
+            return maps
+        if self.kind == "nhwc":
+            return maps.permute(0, 2, 3, 1)  # (B, H, W, C)
+        tokens = maps.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        return torch.cat([prefix, tokens], dim=1)  # (B, P + H*W, C), prefix first
+
+    def _grid(self, n: int) -> tuple[int, int]:
+        if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == n:
+            return self.grid_size
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(
+                f"{n} patch tokens (after {self.num_prefix_tokens} prefix tokens) fit neither "
+                f"grid_size={self.grid_size} nor a square grid"
+            )
+        return side, side

@@ -1,0 +1,200 @@
+"""Classification data: Fashion-MNIST idx files and ImageFolder directories, split into train/val/test.
+
+Splits (``split``):
+- ``"1k"``: VTAB-1k style: 800 training and 200 validation images drawn with ``split_seed`` (validation from
+  the dataset's own validation pool if it has one, else from the rest of the training pool); the full test set.
+- ``"full"``: the whole training pool for training (minus a seeded 10 % validation hold-out when the dataset
+  has no validation pool); the full test set.
+
+Sources (``data``):
+- ``"fashion-mnist"``: the idx files of Debian's ``dataset-fashion-mnist`` in /usr/share/datasets/fashion-mnist
+  (override with $FASHION_MNIST_DIR), read by torchvision's FashionMNIST; or any directory holding
+  ``train-images-idx3-ubyte[.gz]`` and its three sibling files.
+- a directory of class sub-folders (torchvision ImageFolder): with ``train/`` (and ``val/``, ``test/``) sub-folders
+  those are the pools; without them the images are split 70/15/15 with ``split_seed`` into train/val/test pools.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import InterpolationMode, v2
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPLITS = ("1k", "full")
+
+
+class Subset(Dataset):
+    """Indices of a base dataset that yields (image, label), with a transform applied to the image."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable | None = None) -> None:
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img, label = self.base[self.indices[i]]
+        return (self.transform(img) if self.transform else img), int(label)
+
+
+@dataclass
+class ClassificationData:
+    """Train/val/test datasets of one source, transforms not yet set (see :func:`with_transforms`)."""
+
+    name: str
+    classes: list[str]
+    train: Subset
+    val: Subset
+    test: Subset
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def with_transforms(self, train_tf: Callable, eval_tf: Callable) -> "ClassificationData":
+        """Set the train transform on ``train`` and the eval transform on ``val`` and ``test``; returns self."""
+        self.train.transform, self.val.transform, self.test.transform = train_tf, eval_tf, eval_tf
+        return self
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder loader that names the file it cannot read.
+
+    Raises:
+        ValueError: the file is not a readable image.
+    """
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot read image '{path}': {type(e).__name__}: {e}") from None
+
+
+def _fashion_mnist_root(src: Path) -> Path:
+    """Make torchvision's FashionMNIST layout (root/FashionMNIST/raw/<uncompressed idx>) from ``src``.
+
+    torchvision reads only uncompressed idx files; Debian ships them gzipped, so they are decompressed once
+    into ~/.cache/mslora (or $XDG_CACHE_HOME/mslora). Uncompressed sources are linked, not copied.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mslora" / "fashion-mnist"
+    raw = cache / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in _IDX_FILES:
+        dst = raw / name
+        if dst.exists():
+            continue
+        plain, packed = src / name, src / f"{name}.gz"
+        tmp = dst.with_suffix(".tmp")
+        if plain.is_file():
+            shutil.copyfile(plain, tmp)
+        else:
+            with gzip.open(packed, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        tmp.replace(dst)  # atomic: a half-written file is never taken for a whole one
+    return cache
+
+
+def _is_idx_dir(path: Path) -> bool:
+    return all((path / n).is_file() or (path / f"{n}.gz").is_file() for n in _IDX_FILES)
+
+
+def _draw(pool: Sequence[int], n: int, gen: torch.Generator) -> tuple[list[int], list[int]]:
+    """Seeded draw of n items from pool: (drawn, rest)."""
+    order = torch.randperm(len(pool), generator=gen).tolist()
+    return [pool[i] for i in order[:n]], [pool[i] for i in order[n:]]
+
+
+def _split(train_pool: list[int], val_pool: list[int] | None, split: str, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) indices: val from ``val_pool`` when given, else held out of ``train_pool``."""
+    gen = torch.Generator().manual_seed(seed)
+    if split == "1k":
+        train, rest = _draw(train_pool, 800, gen)
+        return train, _draw(val_pool if val_pool is not None else rest, 200, gen)[0]
+    if val_pool is not None:
+        return list(train_pool), list(val_pool)
+    val, train = _draw(train_pool, max(1, len(train_pool) // 10), gen)
+    return train, val
+
+
+def load_classification(data: str, split: str = "1k", split_seed: int = 0) -> ClassificationData:
+    """Load a classification source (see module doc) and split it.
+
+    Raises:
+        ValueError: unknown split, a path that holds no images, or too few images to split.
+        FileNotFoundError: the path (or the Fashion-MNIST files) does not exist.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split='{split}' is not one of {', '.join(SPLITS)}")
+    path = Path(os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR)) if data == "fashion-mnist" else Path(data)
+    if not path.exists():
+        hint = " (install Debian's dataset-fashion-mnist or set FASHION_MNIST_DIR)" if data == "fashion-mnist" else ""
+        raise FileNotFoundError(f"data path '{path}' does not exist{hint}")
+    if not path.is_dir():
+        raise ValueError(f"data path '{path}' is not a directory (expected an image folder or Fashion-MNIST idx files)")
+    if _is_idx_dir(path):
+        root = _fashion_mnist_root(path)
+        train_base = datasets.FashionMNIST(str(root), train=True, download=False)
+        test_base = datasets.FashionMNIST(str(root), train=False, download=False)
+        train, val = _split(list(range(len(train_base))), None, split, split_seed)
+        return ClassificationData("fashion-mnist", list(train_base.classes), Subset(train_base, train),
+                                  Subset(train_base, val), Subset(test_base, range(len(test_base))))
+    return _image_folder(path, split, split_seed)
+
+
+def _folder(path: Path) -> datasets.ImageFolder:
+    try:
+        return datasets.ImageFolder(str(path), loader=load_rgb)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"data path '{path}' holds no images ({e}); expected class sub-folders of images") from None
+
+
+def _image_folder(path: Path, split: str, seed: int) -> ClassificationData:
+    subs = {s: path / s for s in ("train", "val", "test") if (path / s).is_dir()}
+    if "train" in subs:
+        if len(subs) == 1:
+            raise ValueError(f"data path '{path}' has train/ but neither val/ nor test/")
+        bases = {s: _folder(p) for s, p in subs.items()}
+        for s, b in bases.items():
+            if b.classes != bases["train"].classes:
+                raise ValueError(f"class folders of '{subs[s]}' differ from those of '{subs['train']}'")
+        tr, va, te = bases["train"], bases.get("val"), bases.get("test")
+        if te is None:  # train/ and val/ only: val/ is the test set, validation is held out of train/
+            te, va = va, None
+        train, val = _split(list(range(len(tr))), list(range(len(va))) if va is not None else None, split, seed)
+        return ClassificationData(path.name, tr.classes, Subset(tr, train), Subset(va if va is not None else tr, val),
+                                  Subset(te, range(len(te))))
+    base = _folder(path)
+    n = len(base)
+    if n < 3:
+        raise ValueError(f"data path '{path}' holds {n} images; at least 3 are needed for train/val/test")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen).tolist()
+    n_val, n_test = max(1, round(0.15 * n)), max(1, round(0.15 * n))
+    test, val_pool, train_pool = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    train, val = _split(train_pool, val_pool, split, seed)
+    return ClassificationData(path.name, base.classes, Subset(base, train), Subset(base, val), Subset(base, test))
+
+
+def build_transforms(img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875,
+                     interpolation: str = "bicubic", train: bool = True) -> v2.Compose:
+    """Torchvision v2 transforms of MSLoRA Sec. 4.1: RandomResizedCrop + horizontal flip (p=0.5) for training,
+    Resize(img_size / crop_pct) + CenterCrop for evaluation (Resize(256) + CenterCrop(224) at crop_pct=0.875).
+
+    Input: PIL image or uint8 tensor, grey or RGB. Output: float tensor (3, img_size, img_size), normalised.
+    """
+    interp = InterpolationMode(interpolation) if interpolation in {m.value for m in InterpolationMode} else InterpolationMode.BICUBIC
+    if train:
+        geometry = [v2.RandomResizedCrop(img_size, interpolation=interp, antialias=True), v2.RandomHorizontalFlip(0.5)]
+    else:
+        geometry = [v2.Resize(int(img_size / crop_pct), interpolation=interp, antialias=True), v2.CenterCrop(img_size)]
+    return v2.Compose([v2.ToImage(), v2.RGB(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

@@ -1,0 +1,134 @@
+"""MSLoRA: multi-scale low-rank adaptation by attention reweighting (seed 000, arXiv 2511.12400).
+
+F' = F + Up(Proj(F) * Trans(F))                                       (Sec. 1 residual form, Eq. 1)
+Proj(F)  = GConv1x1_G(F)                 C_in -> D, G groups          (Sec. 3.1)
+Trans(F) = PW( sum_k GELU(DW_k(GConv1x1_G(F))) )  [+ LN + GELU]       (Eq. 2, Sec. 3.2, 3.4)
+Up       = GConv1x1_G                    D -> C_in, zero-initialised
+
+Parameters (Sec. 3.6, Eq. 3) for kernels (3, 5, 7): 3*C_in*D/G + D^2 + 83*D, plus biases (8*D + C_in)
+and LayerNorms (2*D for ``enhance``, 2*C_in for ``input_norm``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import LayerNorm2d
+from torch import nn
+
+from mslora.core.inject import PRE_NORM_FAMILIES, attach, family, find_sites
+from mslora.core.layout import Layout
+from mslora.registry import register
+
+
+@dataclass
+class MSLoRAConfig:
+    """Options of MSLoRA, with the paper's names and defaults (Sec. 4.1: G=4, D=128)."""
+
+    rank: int = 128  # D: width of both low-rank branches (Sec. 3.1, Table 2b)
+    groups: int = 4  # G: groups of the 1x1 down- and up-projections (Sec. 3.1, Table 1, Table 2a)
+    kernel_sizes: tuple[int, ...] = (3, 5, 7)  # parallel depth-wise kernels, odd (Eq. 2, Table 2c)
+    enhance: bool = True  # LayerNorm + GELU after the multi-scale sum (Sec. 3.4, Table 2e)
+    global_pool: bool = False  # extra global-average-pooling path (Sec. 3.5, Table 2f)
+    gate: bool = False  # gated attention: one sigmoid gate map per parallel path (Sec. 3.5, Table 2f)
+    channel_shuffle: bool = False  # shuffle channels across groups before the up-projection (Sec. 3.5)
+    input_norm: bool | None = None  # LayerNorm at the input; None: on for pre-norm backbones (Sec. 4.1)
+    zero_init: bool = True  # zero up-projection, so the adapted model equals its backbone at initialisation
+    target_modules: str | None = None  # regex over module names overriding the automatic placement
+    layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
+
+    def __post_init__(self) -> None:
+        self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
+        if self.rank < 1 or self.groups < 1:
+            raise ValueError(f"rank={self.rank} and groups={self.groups} must be positive integers")
+        if self.rank % self.groups:
+            raise ValueError(f"groups={self.groups} must divide rank={self.rank}")
+        if not self.kernel_sizes or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
+            raise ValueError(f"kernel_sizes={list(self.kernel_sizes)} must be a non-empty list of odd sizes")
+
+
+class MultiScaleTransform(nn.Module):
+    """Nonlinear branch Trans(F) of Eq. 1-2: grouped 1x1 down-projection, parallel depth-wise convs each
+    followed by GELU, summed without normalisation, optional LayerNorm + GELU (Sec. 3.4), point-wise 1x1.
+
+    Shapes: (B, C_in, H, W) -> (B, D, H, W).
+    """
+
+    def __init__(self, in_channels: int, rank: int, groups: int, kernel_sizes: tuple[int, ...],
+                 enhance: bool = True, global_pool: bool = False, gate: bool = False,
+                 act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(in_channels, rank, 1, groups=groups)  # independent of the linear branch (Sec. 3.2)
+        self.paths = nn.ModuleList(nn.Conv2d(rank, rank, k, padding=k // 2, groups=rank) for k in kernel_sizes)
+        # Global pooling path (Sec. 3.5): image-level summary, one depth-wise scale + bias, broadcast back.
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(rank, rank, 1, groups=rank)) if global_pool else None
+        n_paths = len(kernel_sizes) + int(global_pool)
+        # Gated attention (Sec. 3.5): a single attention map per parallel path, applied multiplicatively.
+        self.gates = nn.ModuleList(nn.Conv2d(rank, 1, 1) for _ in range(n_paths)) if gate else None
+        self.act = act_layer()
+        self.post = nn.Sequential(LayerNorm2d(rank), act_layer()) if enhance else nn.Identity()
+        self.pw = nn.Conv2d(rank, rank, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.down(x)  # (B, D, H, W)
+        outs = [self.act(conv(t)) for conv in self.paths]
+        if self.pool is not None:
+            outs.append(self.act(self.pool(t)))  # (B, D, 1, 1), broadcast in the sum
+        if self.gates is not None:
+            outs = [o * torch.sigmoid(g(o)) for o, g in zip(outs, self.gates)]  # gate (B, 1, h, w) per path
+        s = outs[0]
+        for o in outs[1:]:
+            s = s + o  # summed without normalisation (Sec. 3.2)
+        return self.pw(self.post(s))
+
+
+class MSLoRA(nn.Module):
+    """The MSLoRA module (Fig. 2, Eq. 1-3): F' = F + Up(Proj(F) * Trans(F)).
+
+    Input and output have the same shape, in ``layout`` ((B, C, H, W), (B, H, W, C) or tokens (B, P + H*W, C)
+    whose P prefix tokens pass through unchanged).
+
+    Raises:
+        ValueError: ``groups`` does not divide ``in_channels`` or ``rank``; bad ``kernel_sizes``.
+    """
+
+    def __init__(self, in_channels: int, rank: int = 128, groups: int = 4, kernel_sizes: tuple[int, ...] = (3, 5, 7),
+                 enhance: bool = True, global_pool: bool = False, gate: bool = False, channel_shuffle: bool = False,
+                 input_norm: bool = False, zero_init: bool = True, layout: Layout = Layout(), name: str = "") -> None:
+        super().__init__()
+        where = f" of {name}" if name else ""
+        if in_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels}{where}")
+        if rank % groups:
+            raise ValueError(f"groups={groups} must divide rank={rank}")
+        self.layout = layout
+        self.norm = LayerNorm2d(in_channels) if input_norm else nn.Identity()  # pre-norm backbones (Sec. 4.1)
+        self.proj = nn.Conv2d(in_channels, rank, 1, groups=groups)  # linear branch Proj (Sec. 3.1)
+        self.trans = MultiScaleTransform(in_channels, rank, groups, kernel_sizes, enhance, global_pool, gate)
+        self.shuffle = nn.ChannelShuffle(groups) if channel_shuffle and groups > 1 else nn.Identity()
+        self.up = nn.Conv2d(rank, in_channels, 1, groups=groups)
+        if zero_init:
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, prefix = self.layout.to_2d(x)  # (B, C, H, W)
+        h = self.norm(f)
+        h = self.proj(h) * self.trans(h)  # (B, D, H, W): attention reweighting, Eq. 1
+        h = self.up(self.shuffle(h))  # (B, C, H, W)
+        return self.layout.from_2d(f + h, prefix)  # residual, F' = F + H(F)
+
+
+@register(
+    "mslora",
+    MSLoRAConfig,
+    merge_impossible="its update depends nonlinearly on the features (GELU, LayerNorm, element-wise product), "
+    "so no change of the backbone weights reproduces it",
+)
+def apply_mslora(model: nn.Module, cfg: MSLoRAConfig) -> None:
+    """Insert one :class:`MSLoRA` at every site of :func:`mslora.core.inject.find_sites` (Sec. 3, Fig. 2 right)."""
+    input_norm = cfg.input_norm if cfg.input_norm is not None else family(model) in PRE_NORM_FAMILIES
+    for site in find_sites(model, cfg.target_modules, cfg.layout):
+        module = MSLoRA(site.channels, cfg.rank, cfg.groups, cfg.kernel_sizes, cfg.enhance, cfg.global_pool,
+                        cfg.gate, cfg.channel_shuffle, input_norm, cfg.zero_init, site.layout, site.name)
+        attach(model, site, "mslora", module)

@@ -1,0 +1,101 @@
+"""Method registry: name -> (config dataclass, apply function, optional merge function).
+
+A method is registered once, with the decorator :func:`register`, next to its implementation in
+``mslora/methods/<name>.py``. Everything else (``mslora.adapt``, the trainer, the CLI, adapter files)
+finds methods here by name and never imports a method directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered adaptation method.
+
+    Attributes:
+        name: registry key, e.g. ``"mslora"``.
+        config_cls: dataclass whose fields are the method's options, with the paper's names and defaults.
+        apply: ``apply(model, config) -> None``; modifies the (already frozen) model in place.
+        merge: ``merge(model, config) -> None`` folding the adapter into the backbone weights, or None when
+            the method cannot merge; ``merge_impossible`` then says why.
+        freeze_backbone: False only for methods that train backbone weights wholesale (full fine-tuning).
+    """
+
+    name: str
+    config_cls: type
+    apply: Callable[[nn.Module, Any], None]
+    merge: Callable[[nn.Module, Any], None] | None = None
+    merge_impossible: str = ""
+    freeze_backbone: bool = True
+
+    def make_config(self, **options: Any) -> Any:
+        """Build the method's config from keyword options.
+
+        Raises:
+            ValueError: an option the method does not have (the message lists the valid ones).
+        """
+        names = [f.name for f in dataclasses.fields(self.config_cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for method '{self.name}'; "
+                f"expected some of: {', '.join(names) or '(none)'}"
+            )
+        return self.config_cls(**options)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(
+    name: str,
+    config_cls: type,
+    *,
+    merge: Callable[[nn.Module, Any], None] | None = None,
+    merge_impossible: str = "",
+    freeze_backbone: bool = True,
+) -> Callable[[Callable], Callable]:
+    """Decorator registering ``apply(model, config)`` under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def deco(apply: Callable) -> Callable:
+        if name in _METHODS:
+            raise ValueError(f"method '{name}' is registered twice")
+        _METHODS[name] = Method(name, config_cls, apply, merge, merge_impossible, freeze_backbone)
+        return apply
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    """Look a method up by name.
+
+    Raises:
+        ValueError: unknown name; the message lists close matches (difflib) or all methods.
+    """
+    _load_builtin_methods()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, _METHODS, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known methods: {', '.join(sorted(_METHODS))}"
+        raise ValueError(f"unknown method '{name}'; {hint}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers every built-in method (each module calls register()).
+    import mslora.methods  # noqa: F401
