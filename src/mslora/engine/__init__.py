@@ -149,12 +149,15 @@ def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
     run = _run_dir(cfg)
     (run / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     handler = _add_file_log(run / "train.log")
+    level = log.level
+    log.setLevel(logging.INFO)  # the run's log holds every line whatever the caller's logging level
     try:
         return _fit(cfg, model, data, loaders, run), run
     except Exception as e:
         log.error("run failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
         raise
     finally:
+        log.setLevel(level)
         log.removeHandler(handler)
         handler.close()
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up mslora on a fresh machine: a virtual environment in .venv with the package and its test tools,
+# and the Fashion-MNIST idx files of the main job (Debian package dataset-fashion-mnist).
+# Works offline: PyTorch 2.14.1 / torchvision 0.29.1 and the rest come from the machine's package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${FASHION_MNIST_DIR:-}" ]; then
+    if command -v apt-get >/dev/null; then
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    else
+        echo "setup: install Debian's dataset-fashion-mnist or set FASHION_MNIST_DIR for the main job" >&2
+    fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+echo "setup: done (.venv/bin/mslora)"

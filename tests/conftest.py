@@ -1,0 +1,53 @@
+"""Shared fixtures: small random-init timm models (never the network) and a tiny image folder."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before timm / huggingface_hub are imported
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+# name -> factory of a small random-init model with 4 classes: one per layout and family rule
+MODELS = {
+    # zero_init_last=False: a random-init timm ResNet zeroes each block's last BN, which would cut the
+    # bottleneck (where MSLoRA sits) off from the loss; pretrained weights do not have that.
+    "resnet": lambda: timm.create_model("test_resnet", num_classes=4, zero_init_last=False),  # NCHW
+    # tokens with 1 class + 2 register tokens; average pooling of patch tokens so that the last block's
+    # adapter reaches the logits (with class-token pooling it cannot: see test_class_token_pooling_...)
+    "vit": lambda: timm.create_model("test_vit", num_classes=4, reg_tokens=2, global_pool="avg"),
+    "convnext": lambda: timm.create_model("test_convnext", num_classes=4),  # NCHW, pre-norm style
+    "efficientnet": lambda: timm.create_model("test_efficientnet", num_classes=4),  # NCHW, BatchNormAct
+    "swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=4, embed_dim=16, depths=(1, 1),
+                                      num_heads=(1, 2), img_size=64, window_size=4),  # NHWC
+}
+
+
+def make_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[name]()
+
+
+def sample_input(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    from mslora.core.inject import input_size
+
+    c, h, w = input_size(model)
+    h, w = min(h, 64), min(w, 64)  # CNNs take any size; keep tests fast
+    if getattr(model, "patch_embed", None) is not None:
+        h, w = input_size(model)[1:]
+    return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """3 classes x 8 random 20x20 RGB PNGs in class sub-folders."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for c in ("ant", "bee", "cat"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
