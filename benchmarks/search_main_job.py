@@ -17,7 +17,7 @@ from pathlib import Path
 from mslora.engine import TrainConfig, train
 
 GRID = {
-    "mslora": [1e-3, 3e-3, 1e-2],
+    "mslora": [1e-3, 3e-3, 1e-2, 3e-2],
     "linear": [1e-3, 3e-3, 1e-2, 3e-2],
     "full": [1e-4, 3e-4, 1e-3, 3e-3],
 }

@@ -48,11 +48,17 @@ def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
     spec = get_method(method)
     cfg = spec.make_config(**options)
     head = tuple(head_module(model))
-    record = Adaptation(method, cfg, frozenset(model.state_dict()), head)
     if spec.freeze_backbone:
         freeze_backbone(model, list(head))
+    before = {id(t): t for t in (*model.parameters(), *model.buffers())}  # held, so no id is reused
     spec.apply(model, cfg)
-    model.mslora_adaptation = record
+    tensors = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+    added = frozenset(n for n, t in tensors if id(t) not in before)
+    if spec.freeze_backbone:  # some injectors (PEFT) freeze everything but their own parameters
+        for name, p in model.named_parameters():
+            if any(name.startswith(h + ".") for h in head):
+                p.requires_grad_(True)
+    model.mslora_adaptation = Adaptation(method, cfg, added, head)
     return model
 
 

@@ -22,13 +22,15 @@ class Adaptation:
     Attributes:
         method: registered method name.
         config: the method's config dataclass instance.
-        backbone_keys: state-dict keys the model had before adaptation (backbone and head).
+        added: state-dict names of the parameters and buffers the method added. Recorded by name, found by
+            object identity when adapting: methods that wrap or re-parametrise backbone layers (PEFT's
+            ``base_layer``, ``parametrizations.weight.original``) rename backbone tensors without adding them.
         head: qualified names of the classifier head modules.
     """
 
     method: str
     config: Any
-    backbone_keys: frozenset[str]
+    added: frozenset[str]
     head: tuple[str, ...]
 
 
@@ -62,10 +64,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         n = p.numel()
         if _under(name, head):
             counts["head_params"] += n
-        elif rec is None or name in rec.backbone_keys:
-            counts["backbone_params"] += n
-        else:
+        elif rec is not None and name in rec.added:
             counts["adapter_params"] += n
+        else:
+            counts["backbone_params"] += n
         counts["trainable_params"] += n if p.requires_grad else 0
         counts["total_params"] += n
     return counts
@@ -85,9 +87,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for mname, m in model.named_modules():
         if any(p.requires_grad for p in m.parameters(recurse=False)):
             keep |= {f"{mname}.{b}" if mname else b for b, _ in m.named_buffers(recurse=False)}
-    state = model.state_dict()
-    keep |= {k for k in state if k not in rec.backbone_keys}
-    return {k: v for k, v in state.items() if k in keep}
+    keep |= rec.added
+    return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
