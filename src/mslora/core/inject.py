@@ -56,28 +56,58 @@ def family(model: nn.Module) -> str | None:
     return None
 
 
-def block_names(model: nn.Module) -> tuple[list[str], str]:
-    """Module names of the adapter sites by the family rules, and their layout kind.
+def blocks(model: nn.Module) -> tuple[list[str], str]:
+    """Module names of the backbone's blocks by the family rules, and the layout of their outputs.
 
     Raises:
-        ValueError: the backbone's family has no placement rule (pass ``target_modules``).
+        ValueError: the backbone's family has no rule (pass ``target_modules``).
     """
     fam = family(model)
-    if fam == "ResNet":
-        # Inside each bottleneck after the 3x3 conv's activation, i.e. at the bottleneck width (Fig. 2 right);
-        # BasicBlock has no bottleneck, its inner width is after act1.
-        names = []
-        for name, mod in model.named_modules():
-            if re.fullmatch(r"layer\d+\.\d+", name):
-                names.append(f"{name}.act2" if hasattr(mod, "conv3") else f"{name}.act1")
-        return names, "nchw"
-    for classes, pattern, kind in _BLOCK_RULES:
+    for classes, pattern, kind in (*_BLOCK_RULES, (("ResNet",), r"layer\d+\.\d+", "nchw")):
         if fam in classes:
             return [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)], kind
     raise ValueError(
         f"no automatic adapter placement for {type(model).__name__}; pass target_modules=REGEX "
         f"(a regular expression over module names, e.g. 'stages\\.\\d+\\.blocks\\.\\d+')"
     )
+
+
+def block_names(model: nn.Module) -> tuple[list[str], str]:
+    """Module names of the MSLoRA sites by the family rules, and their layout kind: the blocks, except in
+    ResNets, where the site is inside each bottleneck after the 3x3 conv's activation, i.e. at the bottleneck
+    width (Fig. 2 right); a BasicBlock has no bottleneck, its inner width is after act1.
+
+    Raises:
+        ValueError: the backbone's family has no placement rule (pass ``target_modules``).
+    """
+    names, kind = blocks(model)
+    if family(model) == "ResNet":
+        names = [f"{n}.act2" if hasattr(model.get_submodule(n), "conv3") else f"{n}.act1" for n in names]
+    return names, kind
+
+
+def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules: str | None = None,
+                      keep=lambda m: True) -> list[str]:
+    """Names of modules of ``types`` (and passing ``keep``) inside the family's blocks, or matching the
+    ``target_modules`` regex (in full) when given. Weight-space methods use this for their default targets.
+
+    Raises:
+        ValueError: no module qualifies, an invalid regex, or a family without rules and no regex.
+    """
+    if target_modules is not None:
+        try:
+            rx = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules='{target_modules}' is not a valid regex: {e}") from None
+        inside = lambda n: rx.fullmatch(n) is not None  # noqa: E731
+    else:
+        prefixes = tuple(b + "." for b in blocks(model)[0])
+        inside = lambda n: n.startswith(prefixes)  # noqa: E731
+    names = [n for n, m in model.named_modules() if isinstance(m, types) and keep(m) and inside(n)]
+    if not names:
+        raise ValueError(f"no {'/'.join(t.__name__ for t in types)} module of {type(model).__name__} matches "
+                         f"target_modules={target_modules!r}")
+    return names
 
 
 def find_sites(model: nn.Module, target_modules: str | None = None, layout: str = "auto") -> list[Site]:

@@ -1,0 +1,203 @@
+"""Feature-space adapter baselines the papers compare against. None of them merges (each has a nonlinearity).
+Each is zero-initialised on its output side, so the adapted model starts as its backbone.
+
+- ``adapter`` (Houlsby et al. 2019; seed 003 supp. Table 4: 2 * D * D' * L): a bottleneck x + Up(GELU(Down(x)))
+  at the MSLoRA sites (after every block; inside ResNet bottlenecks), any layout.
+- ``adaptformer`` (Chen et al. 2022; MSLoRA Table 3): a parallel bottleneck beside every block's MLP,
+  mlp(x) + s * Up(ReLU(Down(x))), s = 0.1; for backbones whose blocks have an ``mlp`` of Linear layers.
+- ``conv_adapter`` (Chen et al. 2022 'Conv-Adapter'; CoLoRA supp. Sec. F): beside every spatial convolution
+  (kernel > 1) inside the blocks, a depth-wise conv with the same kernel and stride, a point-wise down-projection
+  by the compression factor gamma (4), GELU and a point-wise up-projection, scaled per output channel.
+- ``lorand`` (Yin et al. 2023, MSLoRA Table 3 [56]): a bottleneck whose projections are low-rank synthesised,
+  W = sum_i P_i K_i Q_i over ``branches`` products with a beta x beta kernel K_i shared by the down- and
+  up-projection, placed at the MSLoRA sites. (The LoRand paper is not among our sources; this follows its
+  published design, with one module per block where LoRand puts two in each Swin block.)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mslora.core.inject import attach, blocks, find_sites, modules_in_blocks
+from mslora.core.layout import Layout
+from mslora.registry import register
+
+_NO_MERGE = "it has a nonlinearity between its projections, so it is not a change of the backbone weights"
+
+
+@dataclass
+class AdapterConfig:
+    """Options of the Houlsby bottleneck adapter."""
+
+    rank: int = 8  # D': bottleneck width
+    target_modules: str | None = None  # regex over module names overriding the automatic placement
+    layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
+
+
+class Bottleneck(nn.Module):
+    """x + Up(act(Down(x))) with 1x1 projections on the (B, C, H, W) view of any layout; Up starts at zero."""
+
+    def __init__(self, channels: int, rank: int, layout: Layout = Layout(), act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.layout = layout
+        self.down, self.act, self.up = nn.Conv2d(channels, rank, 1), act_layer(), nn.Conv2d(rank, channels, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, prefix = self.layout.to_2d(x)  # (B, C, H, W)
+        return self.layout.from_2d(f + self.up(self.act(self.down(f))), prefix)
+
+
+@register("adapter", AdapterConfig, merge_impossible=_NO_MERGE)
+def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
+    """A :class:`Bottleneck` at every MSLoRA site."""
+    for site in find_sites(model, cfg.target_modules, cfg.layout):
+        attach(model, site, "adapter", Bottleneck(site.channels, cfg.rank, site.layout))
+
+
+@dataclass
+class AdaptFormerConfig:
+    """Options of AdaptFormer."""
+
+    rank: int = 64  # bottleneck width (AdaptFormer's default)
+    scale: float = 0.1  # s, the fixed scale of the parallel branch
+
+
+class ParallelMLPAdapter(nn.Module):
+    """s * Up(ReLU(Down(x))) on channel-last input (..., C); Up starts at zero."""
+
+    def __init__(self, channels: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.down, self.up = nn.Linear(channels, rank), nn.Linear(rank, channels)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(F.relu(self.down(x)))
+
+
+def _add_parallel(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    return out + module.adaptformer(args[0])
+
+
+@register("adaptformer", AdaptFormerConfig, merge_impossible=_NO_MERGE)
+def apply_adaptformer(model: nn.Module, cfg: AdaptFormerConfig) -> None:
+    """A :class:`ParallelMLPAdapter` beside the MLP of every block (input: the MLP's input).
+
+    Raises:
+        ValueError: the blocks have no MLP of Linear layers (CNNs other than ConvNeXt).
+    """
+    modules = dict(model.named_modules())
+    mlps = [modules.get(f"{b}.mlp") for b in blocks(model)[0]]
+    if not mlps or any(m is None or not isinstance(getattr(m, "fc1", None), nn.Linear) for m in mlps):
+        raise ValueError(f"adaptformer needs blocks with an MLP of Linear layers (ViT, Swin, ConvNeXt); "
+                         f"{type(model).__name__} has none")
+    p = next(model.parameters())
+    for mlp in mlps:
+        mlp.add_module("adaptformer", ParallelMLPAdapter(mlp.fc1.in_features, cfg.rank, cfg.scale).to(p.device, p.dtype))
+        mlp.register_forward_hook(_add_parallel)
+
+
+@dataclass
+class ConvAdapterConfig:
+    """Options of Conv-Adapter."""
+
+    gamma: int = 4  # channel compression factor of the hidden width (CoLoRA supp. F uses 4)
+    target_modules: str | None = None  # regex over module names; default: spatial convs (kernel > 1) in blocks
+
+
+class ConvAdapter(nn.Module):
+    """Parallel branch of a k x k convolution: alpha ⊙ PW_up(GELU(PW_down(DW_k(x)))), with the conv's stride,
+    padding and dilation so the shapes match; PW_up starts at zero."""
+
+    def __init__(self, conv: nn.Conv2d, gamma: int) -> None:
+        super().__init__()
+        cin, cout, hidden = conv.in_channels, conv.out_channels, max(1, conv.in_channels // gamma)
+        self.dw = nn.Conv2d(cin, cin, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=cin)
+        self.down, self.act, self.up = nn.Conv2d(cin, hidden, 1), nn.GELU(), nn.Conv2d(hidden, cout, 1)
+        self.alpha = nn.Parameter(torch.ones(cout, 1, 1))
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * self.up(self.act(self.down(self.dw(x))))
+
+
+def _add_conv_adapter(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    return out + module.conv_adapter(args[0])
+
+
+@register("conv_adapter", ConvAdapterConfig, merge_impossible=_NO_MERGE)
+def apply_conv_adapter(model: nn.Module, cfg: ConvAdapterConfig) -> None:
+    """A :class:`ConvAdapter` beside every spatial convolution inside the blocks.
+
+    Raises:
+        ValueError: no spatial convolution (e.g. a ViT; Conv-Adapter is a ConvNet method) or padding given as a
+            string (timm 'same' padding is an explicit number here).
+    """
+    names = modules_in_blocks(model, (nn.Conv2d,), cfg.target_modules, keep=lambda m: max(m.kernel_size) > 1)
+    p = next(model.parameters())
+    for name in names:
+        conv = model.get_submodule(name)
+        if isinstance(conv.padding, str):
+            raise ValueError(f"conv_adapter: {name} uses padding='{conv.padding}', expected explicit padding")
+        conv.add_module("conv_adapter", ConvAdapter(conv, cfg.gamma).to(p.device, p.dtype))
+        conv.register_forward_hook(_add_conv_adapter)
+
+
+@dataclass
+class LoRandConfig:
+    """Options of LoRand."""
+
+    hidden: int = 64  # bottleneck width m
+    branches: int = 2  # alpha: number of P K Q products summed per projection
+    kernel: int = 8  # beta: size of the shared kernel matrices K
+    target_modules: str | None = None  # regex over module names overriding the automatic placement
+    layout: str = "auto"  # layout of target_modules outputs
+
+
+class LowRankSynthesis(nn.Module):
+    """W = sum_i P_i K_i Q_i (in_features x out_features) with K given by the caller (shared)."""
+
+    def __init__(self, d_in: int, d_out: int, branches: int, kernel: int, zero: bool = False) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.empty(branches, d_in, kernel))
+        self.q = nn.Parameter(torch.empty(branches, kernel, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+        nn.init.kaiming_uniform_(self.p, a=math.sqrt(5))
+        nn.init.zeros_(self.q) if zero else nn.init.kaiming_uniform_(self.q, a=math.sqrt(5))
+
+    def weight(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bik,bkl,blo->io", self.p, k, self.q)  # (d_in, d_out)
+
+
+class LoRand(nn.Module):
+    """x + Up(GELU(Down(x))) with low-rank-synthesised Down and Up sharing their kernels K_i; Up's Q starts at
+    zero. Works on the channel-last view of any layout."""
+
+    def __init__(self, channels: int, cfg: LoRandConfig, layout: Layout = Layout()) -> None:
+        super().__init__()
+        self.layout = layout
+        self.k = nn.Parameter(torch.empty(cfg.branches, cfg.kernel, cfg.kernel))
+        nn.init.kaiming_uniform_(self.k, a=math.sqrt(5))
+        self.down = LowRankSynthesis(channels, cfg.hidden, cfg.branches, cfg.kernel)
+        self.up = LowRankSynthesis(cfg.hidden, channels, cfg.branches, cfg.kernel, zero=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, prefix = self.layout.to_2d(x)
+        h = f.permute(0, 2, 3, 1)  # (B, H, W, C)
+        h = F.gelu(h @ self.down.weight(self.k) + self.down.bias) @ self.up.weight(self.k) + self.up.bias
+        return self.layout.from_2d(f + h.permute(0, 3, 1, 2), prefix)
+
+
+@register("lorand", LoRandConfig, merge_impossible=_NO_MERGE)
+def apply_lorand(model: nn.Module, cfg: LoRandConfig) -> None:
+    """A :class:`LoRand` at every MSLoRA site."""
+    for site in find_sites(model, cfg.target_modules, cfg.layout):
+        attach(model, site, "lorand", LoRand(site.channels, cfg, site.layout))
