@@ -43,3 +43,58 @@ def test_counts_follow_eq3_and_the_paper(name, widths, g, paper_m, paper_pct, pr
     # Its percentages are those counts over the whole unadapted model, classifier included, truncated too.
     model = c["backbone_params"] + c["head_params"]
     assert math.floor(1000 * paper_m * 1e6 / model) / 10 == paper_pct
+
+
+def small(name):
+    from conftest import make_model
+
+    return make_model(name)
+
+
+def added(model, method, **opts):
+    return mslora.count_parameters(mslora.adapt(model, method, **opts))["adapter_params"]
+
+
+def test_vpt_counts_follow_seed003_table4():
+    m, d, layers = 10, 64, 6  # test_vit: embed_dim 64, depth 6
+    assert added(small("vit"), "vpt", num_tokens=m, deep=True) == m * d * layers  # VPT-Deep: m * D * L
+    assert added(small("vit"), "vpt", num_tokens=m, deep=False) == m * d  # VPT-Shallow: m * D
+
+
+def test_rlrr_and_ssf_counts_follow_seed003_table4():
+    # Per Linear layer of shape (out, in) RLRR adds out + in + out (s_left, s_right, f) = 3 * D* for square
+    # layers; SSF adds 2 * out; per LayerNorm both add 2 * C (scale, shift).
+    model = small("vit")
+    lin = [m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+    lns = [m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.LayerNorm)]
+    assert added(small("vit"), "rlrr") == sum(2 * m.out_features + m.in_features for m in lin) + sum(
+        2 * m.normalized_shape[0] for m in lns)
+    assert added(small("vit"), "ssf") == sum(2 * m.out_features for m in lin) + sum(2 * m.normalized_shape[0] for m in lns)
+    d = 64  # square layers: RLRR is exactly 3 * D* per layer
+    assert added(small("vit"), "rlrr", target_modules=r"blocks\.\d+\.attn\.proj", norms=False) == 6 * 3 * d
+
+
+def test_colora_counts_follow_seed004_table1():
+    from mslora.methods.colora import colora_pairs
+
+    model = small("convnext")
+    gamma, ratio = 2, 0.25
+    total = 0
+    for _, first, second in colora_pairs(model):
+        d, d1 = model.get_submodule(first).in_features, model.get_submodule(first).out_features
+        d2 = model.get_submodule(second).out_features
+        r = d // gamma
+        rl = r - round(ratio * r)
+        total += r * (d + d2) + 2 * rl * d1  # supp. Table 1: r (d + d'') + 2 rl d'
+    assert added(model, "colora", gamma=gamma, shared_ratio=ratio) == total
+
+
+def test_lora_counts():
+    model = small("vit")
+    lin = [m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+    assert added(small("vit"), "lora", rank=4) == sum(4 * (m.in_features + m.out_features) for m in lin)
+
+
+def test_adapter_counts_follow_seed003_table4():
+    d, r, layers = 64, 8, 6  # 2 * D * D' * L plus the biases (D' + D per layer)
+    assert added(small("vit"), "adapter", rank=r) == 2 * d * r * layers + (r + d) * layers

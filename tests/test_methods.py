@@ -1,0 +1,87 @@
+"""Every registered method through the same checks, on small random-init CNNs and transformers:
+builds; identity at initialisation where the method has it; only the method's parameters change after
+optimiser steps; merged equals unmerged (eval mode) where mergeable, with the backbone's exact parameter
+count, and a clear error where not; the adapter file round trip is exact."""
+import pytest
+import torch
+
+import mslora
+from conftest import make_model, sample_input
+
+ALL = ("resnet", "vit", "convnext", "efficientnet", "swin")
+CASES = (
+    [(b, "mslora", {"rank": 16}) for b in ALL]
+    + [(b, m, {}) for b in ALL for m in ("ssf", "adapter", "lorand", "bitfit", "normtune")]
+    + [(b, "rlrr", {}) for b in ALL] + [("vit", "rlrr", {"init": "official"}), ("resnet", "rlrr", {"rank": 4})]
+    + [(b, m, {}) for b in ("resnet", "vit", "swin") for m in ("lora", "dora", "hira")]
+    + [("vit", "pissa", {}), ("convnext", "pissa", {})]
+    + [("resnet", "colora", {"gamma": 4}), ("convnext", "colora", {"gamma": 2, "shared_ratio": 0.25})]
+    + [(b, "adaptformer", {}) for b in ("vit", "swin", "convnext")]
+    + [(b, "conv_adapter", {}) for b in ("resnet", "convnext", "efficientnet")]
+    + [("vit", "vpt", {"deep": True}), ("vit", "vpt", {"deep": False})]
+    + [(b, m, {}) for b in ("resnet", "vit") for m in ("linear", "fixed", "full")]
+)
+NOT_IDENTITY = {("vpt", True), ("vpt", False)}  # prompts change attention from the start (VPT's design)
+IDS = [f"{b}-{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for b, m, o in CASES]
+
+
+def test_every_registered_method_has_a_case():
+    assert {m for _, m, _ in CASES} == set(mslora.list_methods())
+
+
+def train_steps(model, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    x, y = sample_input(model, batch=4), torch.tensor([0, 1, 2, 3])
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("backbone,method,opts", CASES, ids=IDS)
+def test_method(backbone, method, opts, tmp_path):
+    model = make_model(backbone).eval()
+    x = sample_input(model)
+    with torch.no_grad():
+        plain = model(x)
+    n_plain = sum(p.numel() for p in model.parameters())
+    mslora.adapt(model, method, **opts)
+    rec = model.mslora_adaptation
+    with torch.no_grad():
+        start = model(x)
+    if (method, opts.get("deep")) in NOT_IDENTITY or opts.get("init") == "official":
+        assert not torch.allclose(start, plain, atol=1e-4)
+    else:  # PiSSA's residual split is exact only up to float rounding
+        torch.testing.assert_close(start, plain, rtol=0, atol=1e-5 if method == "pissa" else 0)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    train_steps(model)
+    for k, v in model.state_dict().items():
+        if k in trainable:
+            assert not torch.equal(v, before[k]), f"trainable {k} did not change"
+        elif method != "full":  # frozen weights and BatchNorm statistics stay
+            assert torch.equal(v, before[k]), f"frozen {k} changed"
+    c = mslora.count_parameters(model)
+    assert c["total_params"] == c["backbone_params"] + c["head_params"] + c["adapter_params"]
+    assert c["backbone_params"] + c["head_params"] == n_plain and c["adapter_params"] == sum(
+        p.numel() for n, p in model.named_parameters() if n in rec.added)
+
+    with torch.no_grad():
+        trained = model(x)
+    path = mslora.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = mslora.load_adapter(make_model(backbone), path).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trained)
+
+    if mslora.registry.get_method(method).merge is None:
+        with pytest.raises(ValueError, match=f"'{method}' cannot be merged: "):
+            mslora.merge(model)
+        return
+    mslora.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) == n_plain  # exactly the backbone's parameters
+    assert mslora.count_parameters(model)["adapter_params"] == 0
