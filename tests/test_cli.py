@@ -34,6 +34,7 @@ def test_train_then_eval_reproduces_test_accuracy(image_folder, tmp_path, capsys
     assert main(["eval", "--adapter", str(run)]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["test_top1"] == m["test_top1"] and ev["test_top5"] == m["test_top5"]
+    assert ev["test_loss"] == pytest.approx(m["test_loss"], rel=1e-6)  # the same model, not just the same hits
 
 
 def test_config_file_and_flag_precedence(image_folder, tmp_path, capsys):
@@ -105,3 +106,21 @@ def test_console_script_exit_code_and_no_traceback():
                        timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "mslora: error: unknown method 'msl0ra'; did you mean mslora?"
+
+
+def test_train_vit_at_another_image_size(image_folder, tmp_path, capsys):
+    # A fixed-grid model (ViT) is built for --img-size; eval rebuilds it the same way.
+    out = tmp_path / "runs"
+    assert main(["train", "--backbone", "test_vit", "--no-pretrained", "--method", "lora", "--rank", "2",
+                 "--epochs", "1", "--batch-size", "8", "--img-size", "32", "--data", str(image_folder),
+                 "--output", str(out)]) == 0
+    (run,) = run_dirs(out)
+    m = json.loads((run / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run)]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["test_top1"] == m["test_top1"] and ev["test_loss"] == pytest.approx(m["test_loss"], rel=1e-6)
+
+
+def test_params_requires_backbone_or_paper(capsys):
+    one_line_error(capsys, ["params", "--method", "mslora"], "--backbone NAME is required")

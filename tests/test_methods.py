@@ -15,7 +15,8 @@ CASES = (
     + [(b, "rlrr", {}) for b in ALL] + [("vit", "rlrr", {"init": "official"}), ("resnet", "rlrr", {"rank": 4})]
     + [(b, m, {}) for b in ("resnet", "vit", "swin") for m in ("lora", "dora", "hira")]
     + [("vit", "pissa", {}), ("convnext", "pissa", {})]
-    + [("resnet", "colora", {"gamma": 4}), ("convnext", "colora", {"gamma": 2, "shared_ratio": 0.25})]
+    + [("resnet", "colora", {"gamma": 4}), ("convnext", "colora", {"gamma": 2, "shared_ratio": 0.25}),
+       ("efficientnet", "colora", {"gamma": 2})]
     + [(b, "adaptformer", {}) for b in ("vit", "swin", "convnext")]
     + [(b, "conv_adapter", {}) for b in ("resnet", "convnext", "efficientnet")]
     + [("vit", "vpt", {"deep": True}), ("vit", "vpt", {"deep": False})]

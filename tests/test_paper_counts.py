@@ -98,3 +98,14 @@ def test_lora_counts():
 def test_adapter_counts_follow_seed003_table4():
     d, r, layers = 64, 8, 6  # 2 * D * D' * L plus the biases (D' + D per layer)
     assert added(small("vit"), "adapter", rank=r) == 2 * d * r * layers + (r + d) * layers
+
+
+def test_paper_table_rows():
+    from mslora.paper import ROWS, _count, formula
+
+    vpt = next(r for r in ROWS if r.method == "vpt" and r.options["deep"] and r.backbone.startswith("vit_base"))
+    assert _count(vpt)[0] == formula(vpt) == 10 * 768 * 12
+    proj = next(r for r in ROWS if r.source == "MSLoRA Table 1" and r.backbone == "resnet50" and r.part == "proj"
+                and r.options["groups"] == 4)
+    # Eq. 3's projection term 3 * C * D / G over the 16 bottlenecks, plus the three projections' biases
+    assert _count(proj)[0] == 3 * sum(RESNET50) * 128 // 4 + 16 * 2 * 128 + sum(RESNET50)

@@ -141,12 +141,22 @@ def cmd_params(argv: list[str]) -> int:
     spec = get_method(method)
     p = argparse.ArgumentParser(prog="mslora params", description="Count parameters of an adapted backbone "
                                 "without training (the model is built on the meta device: no memory, no weights).")
-    p.add_argument("--backbone", required=True, help="timm model name")
+    p.add_argument("--backbone", help="timm model name (required unless --paper)")
+    p.add_argument("--paper", action="store_true", help="print our counts next to every row of the source "
+                   "papers' parameter tables that timm can rebuild")
     p.add_argument("--method", default="mslora", help=f"one of {', '.join(list_methods())}")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     _add_fields(p.add_argument_group(f"options of method '{method}'"), spec.config_cls)
     a = vars(p.parse_args(argv))
+    if a["paper"]:
+        from mslora.paper import format_table, paper_table
+
+        rows = paper_table()
+        print(json.dumps(rows) if a["json"] else format_table(rows))
+        return 0
+    if not a["backbone"]:
+        raise ValueError("--backbone NAME is required (or --paper)")
     check_backbone_name(a["backbone"])
     options = {k: v for k, v in a.items() if k in {f.name for f in dataclasses.fields(spec.config_cls)}}
     with torch.device("meta"):

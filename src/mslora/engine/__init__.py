@@ -100,10 +100,20 @@ def _loaders(cfg: TrainConfig, model: nn.Module, data: ClassificationData) -> di
     }
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """Backbone with its weights, adapted by ``cfg.method`` with ``cfg.method_options``."""
+def build_backbone(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The backbone with its weights. Models with a fixed patch grid (ViT, Swin) are built for ``cfg.img_size``
+    (timm resamples position embeddings of pretrained weights); CNNs take any size as they are."""
     model = create_backbone(cfg.backbone, num_classes, cfg.pretrained, cfg.weights, drop_path_rate=cfg.drop_path_rate)
-    return mslora.adapt(model, cfg.method, **cfg.method_options)
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is not None and tuple(fixed) != (cfg.img_size, cfg.img_size):
+        model = create_backbone(cfg.backbone, num_classes, cfg.pretrained, cfg.weights,
+                                drop_path_rate=cfg.drop_path_rate, img_size=cfg.img_size)
+    return model
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """:func:`build_backbone` adapted by ``cfg.method`` with ``cfg.method_options``."""
+    return mslora.adapt(build_backbone(cfg, num_classes), cfg.method, **cfg.method_options)
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -240,8 +250,8 @@ def evaluate_adapter(adapter: str | Path, data: str | None = None, batch_size: i
     ds = load_classification(cfg.data, cfg.split, cfg.split_seed)
     if ds.num_classes != meta["num_classes"]:
         raise ValueError(f"data '{cfg.data}' has {ds.num_classes} classes, the adapter was trained on {meta['num_classes']}")
-    model = create_backbone(cfg.backbone, ds.num_classes, cfg.pretrained, cfg.weights, drop_path_rate=cfg.drop_path_rate)
-    mslora.load_adapter(model, path)
+    seed_everything(cfg.seed)  # a random-init backbone (--no-pretrained) is rebuilt exactly as in training
+    model = mslora.load_adapter(build_backbone(cfg, ds.num_classes), path)
     test = evaluate(model, _loaders(cfg, model, ds)["test"], ds.num_classes, "test")
     return {"method": cfg.method, "backbone": cfg.backbone, "dataset": ds.name, "test_top1": test["top1"],
             "test_top5": test["top5"], "test_loss": test["loss"], "test_images": len(ds.test)}

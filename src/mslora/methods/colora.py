@@ -1,7 +1,8 @@
 """CoLoRA: correlated low-rank adaptation of adjacent 1x1 layers (seed 004, supp. Sec. C-D, Eq. 7-15).
 
 For a pair of adjacent point-wise layers W1 (d -> d') and W2 (d' -> d'') (ConvNeXt ``mlp.fc1``/``mlp.fc2``,
-ResNet bottleneck ``conv1``/``conv3``), in the paper's row-vector notation Y = X W:
+ResNet bottleneck ``conv1``/``conv3``; and, by the same reading, the 1x1 expand/project ``conv_pw``/``conv_pwl``
+of EfficientNet and MobileNetV3 inverted residuals), in the paper's row-vector notation Y = X W:
     Y1 = X  (W1 + s1 A1 B1 + s As Bs W2^T)                              (Eq. 14)
     Y2 = Y1 (W2 + s2 A2 B2 + s W1^T As Bs)                              (Eq. 15)
 with per-layer ranks rl (A1: d x rl, B1: rl x d', A2: d' x rl, B2: rl x d'') and the shared pair As (d x rs),
@@ -145,9 +146,12 @@ def colora_pairs(model: nn.Module) -> list[tuple[str, str, str]]:
         pairs = [(b, f"{b}.mlp.fc1", f"{b}.mlp.fc2") for b in blocks(model)[0]]
     elif fam == "ResNet":
         pairs = [(b, f"{b}.conv1", f"{b}.conv3") for b in blocks(model)[0] if hasattr(model.get_submodule(b), "conv3")]
+    elif fam in ("EfficientNet", "MobileNetV3"):  # inverted residuals: 1x1 expand, depth-wise, 1x1 project
+        pairs = [(b, f"{b}.conv_pw", f"{b}.conv_pwl") for b in blocks(model)[0]
+                 if all(isinstance(getattr(model.get_submodule(b), n, None), nn.Conv2d) for n in ("conv_pw", "conv_pwl"))]
     if not pairs:
-        raise ValueError(f"colora adapts adjacent 1x1 layers of ConvNeXt blocks or ResNet bottlenecks; "
-                         f"{type(model).__name__} has none")
+        raise ValueError(f"colora adapts adjacent 1x1 layers of ConvNeXt blocks, ResNet bottlenecks or "
+                         f"EfficientNet/MobileNetV3 inverted residuals; {type(model).__name__} has none")
     return pairs
 
 

@@ -92,7 +92,9 @@ def apply_pissa(model: nn.Module, cfg: LoRAConfig) -> None:
     except ValueError:
         raise ValueError(f"pissa adapts Linear layers (PEFT's PiSSA init needs 2D weights) and "
                          f"{type(model).__name__} has none in its blocks; use lora or hira for convolutions") from None
-    _lora(model, cfg, linear_only=True, init_lora_weights="pissa")
+    # On the meta device (parameter counting) there are no weights to decompose; the count is the same.
+    meta = next(model.parameters()).device.type == "meta"
+    _lora(model, cfg, linear_only=True, init_lora_weights=True if meta else "pissa")
 
 
 @dataclass
