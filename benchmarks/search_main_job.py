@@ -19,7 +19,7 @@ from mslora.engine import TrainConfig, train
 GRID = {
     "mslora": [1e-3, 3e-3, 1e-2, 3e-2],
     "linear": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "full": [1e-4, 3e-4, 1e-3, 3e-3],
+    "full": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
 }
 OPTIONS = {"mslora": {"rank": 32}}
 

@@ -124,3 +124,12 @@ def test_train_vit_at_another_image_size(image_folder, tmp_path, capsys):
 
 def test_params_requires_backbone_or_paper(capsys):
     one_line_error(capsys, ["params", "--method", "mslora"], "--backbone NAME is required")
+
+
+def test_trainer_method_defaults():
+    from mslora.engine import TrainConfig
+
+    assert TrainConfig().method_options == {"rank": 32}  # the main job's MSLoRA rank
+    assert TrainConfig(method_options={"groups": 2}).method_options == {"rank": 32, "groups": 2}
+    assert TrainConfig(method_options={"rank": 128}).method_options == {"rank": 128}
+    assert TrainConfig(method="linear").method_options == {}

@@ -86,6 +86,13 @@ def block_names(model: nn.Module) -> tuple[list[str], str]:
     return names, kind
 
 
+def _regex(target_modules: str) -> re.Pattern:
+    try:
+        return re.compile(target_modules)
+    except re.error as e:
+        raise ValueError(f"target_modules='{target_modules}' is not a valid regex: {e}") from None
+
+
 def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules: str | None = None,
                       keep=lambda m: True) -> list[str]:
     """Names of modules of ``types`` (and passing ``keep``) inside the family's blocks, or matching the
@@ -95,10 +102,7 @@ def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules:
         ValueError: no module qualifies, an invalid regex, or a family without rules and no regex.
     """
     if target_modules is not None:
-        try:
-            rx = re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules='{target_modules}' is not a valid regex: {e}") from None
+        rx = _regex(target_modules)
         inside = lambda n: rx.fullmatch(n) is not None  # noqa: E731
     else:
         prefixes = tuple(b + "." for b in blocks(model)[0])
@@ -128,10 +132,7 @@ def find_sites(model: nn.Module, target_modules: str | None = None, layout: str 
     if target_modules is None:
         names, kind = block_names(model)
     else:
-        try:
-            rx = re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules='{target_modules}' is not a valid regex: {e}") from None
+        rx = _regex(target_modules)
         names = [n for n, _ in model.named_modules() if n and rx.fullmatch(n)]
         kind = layout
     if not names:

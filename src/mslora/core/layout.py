@@ -35,10 +35,6 @@ class Layout:
         if self.kind not in LAYOUTS:
             raise ValueError(f"layout='{self.kind}' is not one of {', '.join(LAYOUTS)}")
 
-    def channels(self, x: torch.Tensor) -> int:
-        """Channel count C of a feature tensor in this layout."""
-        return x.shape[1] if self.kind == "nchw" else x.shape[-1]
-
     def to_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(maps, prefix)``: maps (B, C, H, W) (a view where possible) and prefix tokens (B, P, C) or None.
 
