@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${FASHION_MNIST_DIR:-}" ]; then
     if command -v apt-get >/dev/null; then
         SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+        # Not fatal: the tests do not need the data set, and the main job says what is missing.
+        { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; } ||
+            echo "setup: could not install dataset-fashion-mnist; the main job needs it (or FASHION_MNIST_DIR)" >&2
     else
         echo "setup: install Debian's dataset-fashion-mnist or set FASHION_MNIST_DIR for the main job" >&2
     fi
