@@ -147,7 +147,7 @@ def _plot(rows: list[dict]) -> None:
 
 
 def vit_check(methods: list[str]) -> None:
-    """Transformer path: random-init ViT-S/16 at 64 px, one epoch of the 1k split per method; the mean training
+    """Transformer path: random-init ViT-S/16 at 48 px (a 3x3 patch grid), one epoch of the 1k split per method; the mean training
     loss of the last 5 steps must be below that of the first 5 (printed; correctness, not accuracy)."""
     from mslora.data import load_classification
     from mslora.engine import _loaders, build_model
@@ -158,7 +158,7 @@ def vit_check(methods: list[str]) -> None:
     for method in methods:
         if method in rows:
             continue
-        cfg = TrainConfig(backbone="vit_small_patch16_224", pretrained=False, method=method, img_size=64, lr=1e-3,
+        cfg = TrainConfig(backbone="vit_small_patch16_224", pretrained=False, method=method, img_size=48, lr=1e-3,
                           epochs=1, method_options={"rank": 16} if method == "mslora" else {})
         torch.manual_seed(0)
         try:

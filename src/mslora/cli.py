@@ -106,6 +106,7 @@ def _train_config(argv: list[str]):
 
 
 def cmd_train(argv: list[str]) -> int:
+    """``mslora train``: train, print the key metrics as JSON and the run directory; returns 0."""
     from mslora.engine import train
 
     metrics, run = train(_train_config(argv))
@@ -116,6 +117,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
+    """``mslora eval``: evaluate an adapter on its test split and print the metrics as JSON; returns 0."""
     from mslora.engine import evaluate_adapter
 
     p = argparse.ArgumentParser(prog="mslora eval", description="Evaluate a trained adapter on the test split.")
@@ -129,6 +131,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_params(argv: list[str]) -> int:
+    """``mslora params``: parameter counts of an adapted backbone (meta device), or the papers' tables; returns 0."""
     import timm
     import torch
 

@@ -59,6 +59,7 @@ class ClassificationData:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes."""
         return len(self.classes)
 
     def with_transforms(self, train_tf: Callable, eval_tf: Callable) -> "ClassificationData":

@@ -174,6 +174,7 @@ class LowRankSynthesis(nn.Module):
         nn.init.zeros_(self.q) if zero else nn.init.kaiming_uniform_(self.q, a=math.sqrt(5))
 
     def weight(self, k: torch.Tensor) -> torch.Tensor:
+        """The synthesised (d_in, d_out) matrix for shared kernels k: (branches, beta, beta)."""
         return torch.einsum("bik,bkl,blo->io", self.p, k, self.q)  # (d_in, d_out)
 
 

@@ -47,6 +47,7 @@ class Prompts(nn.Module):
         return torch.cat([x[:, :p], prompts, rest], dim=1)
 
     def remove(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, P + m + N, C) -> (B, P + N, C): the prompts taken out."""
         return torch.cat([x[:, :self.prefix], x[:, self.prefix + self.tokens.shape[1]:]], dim=1)
 
 
