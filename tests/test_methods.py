@@ -86,3 +86,16 @@ def test_method(backbone, method, opts, tmp_path):
         torch.testing.assert_close(model(x), trained, rtol=1e-5, atol=1e-5)
     assert sum(p.numel() for p in model.parameters()) == n_plain  # exactly the backbone's parameters
     assert mslora.count_parameters(model)["adapter_params"] == 0
+
+
+def test_conv_adapter_follows_tf_same_padding():
+    # TF-ported timm models (tf_*) use Conv2dSame for strided convs: padding happens in forward, not via .padding.
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=4).eval()
+    x = torch.randn(1, 3, 63, 63)  # odd size: asymmetric 'same' padding
+    with torch.no_grad():
+        plain = model(x)
+        mslora.adapt(model, "conv_adapter", gamma=32)
+        assert torch.equal(model(x), plain)

@@ -113,13 +113,16 @@ class ConvAdapterConfig:
 
 
 class ConvAdapter(nn.Module):
-    """Parallel branch of a k x k convolution: alpha ⊙ PW_up(GELU(PW_down(DW_k(x)))), with the conv's stride,
-    padding and dilation so the shapes match; PW_up starts at zero."""
+    """Parallel branch of a k x k convolution: alpha ⊙ PW_up(GELU(PW_down(DW_k(x)))), with the conv's class,
+    stride, padding and dilation so the shapes match; PW_up starts at zero.
+
+    Shapes: x (B, C_in, H, W) -> (B, C_out, H', W') as the convolution's own output."""
 
     def __init__(self, conv: nn.Conv2d, gamma: int) -> None:
         super().__init__()
         cin, cout, hidden = conv.in_channels, conv.out_channels, max(1, conv.in_channels // gamma)
-        self.dw = nn.Conv2d(cin, cin, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=cin)
+        # The conv's own class: timm's Conv2dSame (TF 'same' padding) pads in forward, not via .padding.
+        self.dw = type(conv)(cin, cin, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=cin)
         self.down, self.act, self.up = nn.Conv2d(cin, hidden, 1), nn.GELU(), nn.Conv2d(hidden, cout, 1)
         self.alpha = nn.Parameter(torch.ones(cout, 1, 1))
         nn.init.zeros_(self.up.weight)
