@@ -42,7 +42,7 @@ METHODS = {  # name -> (options, lr grid)
     "normtune": ({}, LR_GRID),
     "ssf": ({}, LR_GRID),
     "rlrr": ({}, LR_GRID),
-    "lora": ({"rank": 8}, LR_GRID),
+    "lora": ({"rank": 8}, (1e-3, 3e-3, 1e-2)),  # extended down: 3e-3 collapsed on seeds 1 and 2
     "hira": ({"rank": 8}, LR_GRID),
     "colora": ({}, LR_GRID),
     "adapter": ({"rank": 8}, LR_GRID),
