@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 import yaml
 from timm.data import resolve_model_data_config
@@ -111,12 +112,11 @@ def _loaders(cfg: TrainConfig, model: nn.Module, data: ClassificationData) -> di
 def build_backbone(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The backbone with its weights. Models with a fixed patch grid (ViT, Swin) are built for ``cfg.img_size``
     (timm resamples position embeddings of pretrained weights); CNNs take any size as they are."""
-    model = create_backbone(cfg.backbone, num_classes, cfg.pretrained, cfg.weights, drop_path_rate=cfg.drop_path_rate)
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if fixed is not None and tuple(fixed) != (cfg.img_size, cfg.img_size):
-        model = create_backbone(cfg.backbone, num_classes, cfg.pretrained, cfg.weights,
-                                drop_path_rate=cfg.drop_path_rate, img_size=cfg.img_size)
-    return model
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.backbone)  # None for an unknown name: create_backbone says so
+    fixed = pretrained_cfg is not None and pretrained_cfg.fixed_input_size
+    size = {"img_size": cfg.img_size} if fixed and pretrained_cfg.input_size[-1] != cfg.img_size else {}
+    return create_backbone(cfg.backbone, num_classes, cfg.pretrained, cfg.weights, drop_path_rate=cfg.drop_path_rate,
+                           **size)
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
