@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from mslora.core.inject import freeze_backbone, head_module
+from mslora.core.inject import freeze_backbone, head_module, under
 from mslora.core.state import (
     Adaptation,
     adaptation,
@@ -56,7 +56,7 @@ def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
     added = frozenset(n for n, t in tensors if id(t) not in before)
     if spec.freeze_backbone:  # some injectors (PEFT) freeze everything but their own parameters
         for name, p in model.named_parameters():
-            if any(name.startswith(h + ".") for h in head):
+            if under(name, head):
                 p.requires_grad_(True)
     model.mslora_adaptation = Adaptation(method, cfg, added, head)
     return model

@@ -196,6 +196,11 @@ def head_module(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if id(m) in ids and n]
 
 
+def under(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether the qualified name ``name`` lies inside one of the modules named in ``prefixes``."""
+    return any(name.startswith(p + ".") for p in prefixes)
+
+
 def _keep_eval(module: nn.Module, _args) -> None:
     # Frozen BatchNorm: normalise with the pretrained running statistics even in train mode (Sec. 4.1).
     module.training = False
@@ -208,28 +213,29 @@ def freeze_backbone(model: nn.Module, trainable_prefixes: list[str]) -> None:
     so ``model.train()`` leaves their running statistics unchanged and they normalise with them; other
     train-mode behaviour (DropPath, dropout) stays active, as MSLoRA Sec. 4.1 prescribes.
     """
+    prefixes = tuple(trainable_prefixes)
     for name, p in model.named_parameters():
-        p.requires_grad_(any(name.startswith(t + ".") for t in trainable_prefixes))
+        p.requires_grad_(under(name, prefixes))
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-            name == t or name.startswith(t + ".") for t in trainable_prefixes
-        ):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name in prefixes or under(name, prefixes)):
             m.register_forward_pre_hook(_keep_eval)
 
 
-def _run_adapter(attr: str):
-    def hook(module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
-        return getattr(module, attr)(output)
+def _run_adapter(attr: str, parallel: bool):
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        adapter = getattr(module, attr)
+        return output + adapter(args[0]) if parallel else adapter(output)
 
     return hook
 
 
-def attach(model: nn.Module, site: Site, attr: str, adapter: nn.Module) -> None:
-    """Attach ``adapter`` as child ``attr`` of the site's module and run it on that module's output.
+def attach(model: nn.Module, target: str, attr: str, adapter: nn.Module, parallel: bool = False) -> None:
+    """Attach ``adapter`` as child ``attr`` of module ``target`` and run it by a forward hook: on the module's
+    output (sequential, the default), or beside the module, adding ``adapter(input)`` to its output (parallel).
 
     The adapter is moved to the device and dtype of the model's parameters.
     """
-    target = model.get_submodule(site.name)
+    module = model.get_submodule(target)
     p = next(model.parameters())
-    target.add_module(attr, adapter.to(device=p.device, dtype=p.dtype))
-    target.register_forward_hook(_run_adapter(attr))
+    module.add_module(attr, adapter.to(device=p.device, dtype=p.dtype))
+    module.register_forward_hook(_run_adapter(attr, parallel))

@@ -39,10 +39,6 @@ def adaptation(model: nn.Module) -> Adaptation | None:
     return getattr(model, "mslora_adaptation", None)
 
 
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name.startswith(p + ".") for p in prefixes)
-
-
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts of a (possibly adapted) model.
 
@@ -55,14 +51,14 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         ``total_params``: backbone + head + adapter.
     An unadapted model counts everything outside its head as backbone.
     """
-    from mslora.core.inject import head_module
+    from mslora.core.inject import head_module, under
 
     rec = adaptation(model)
     head = rec.head if rec else tuple(head_module(model))
     counts = dict.fromkeys(("adapter_params", "head_params", "backbone_params", "trainable_params", "total_params"), 0)
     for name, p in model.named_parameters():
         n = p.numel()
-        if _under(name, head):
+        if under(name, head):
             counts["head_params"] += n
         elif rec is not None and name in rec.added:
             counts["adapter_params"] += n

@@ -57,7 +57,7 @@ class Bottleneck(nn.Module):
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
     """A :class:`Bottleneck` at every MSLoRA site."""
     for site in find_sites(model, cfg.target_modules, cfg.layout):
-        attach(model, site, "adapter", Bottleneck(site.channels, cfg.rank, site.layout))
+        attach(model, site.name, "adapter", Bottleneck(site.channels, cfg.rank, site.layout))
 
 
 @dataclass
@@ -82,10 +82,6 @@ class ParallelMLPAdapter(nn.Module):
         return self.scale * self.up(F.relu(self.down(x)))
 
 
-def _add_parallel(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
-    return out + module.adaptformer(args[0])
-
-
 @register("adaptformer", AdaptFormerConfig, merge_impossible=_NO_MERGE)
 def apply_adaptformer(model: nn.Module, cfg: AdaptFormerConfig) -> None:
     """A :class:`ParallelMLPAdapter` beside the MLP of every block (input: the MLP's input).
@@ -94,14 +90,13 @@ def apply_adaptformer(model: nn.Module, cfg: AdaptFormerConfig) -> None:
         ValueError: the blocks have no MLP of Linear layers (CNNs other than ConvNeXt).
     """
     modules = dict(model.named_modules())
-    mlps = [modules.get(f"{b}.mlp") for b in blocks(model)[0]]
+    mlp_names = [f"{b}.mlp" for b in blocks(model)[0]]
+    mlps = [modules.get(n) for n in mlp_names]
     if not mlps or any(m is None or not isinstance(getattr(m, "fc1", None), nn.Linear) for m in mlps):
         raise ValueError(f"adaptformer needs blocks with an MLP of Linear layers (ViT, Swin, ConvNeXt); "
                          f"{type(model).__name__} has none")
-    p = next(model.parameters())
-    for mlp in mlps:
-        mlp.add_module("adaptformer", ParallelMLPAdapter(mlp.fc1.in_features, cfg.rank, cfg.scale).to(p.device, p.dtype))
-        mlp.register_forward_hook(_add_parallel)
+    for name, mlp in zip(mlp_names, mlps):
+        attach(model, name, "adaptformer", ParallelMLPAdapter(mlp.fc1.in_features, cfg.rank, cfg.scale), parallel=True)
 
 
 @dataclass
@@ -132,10 +127,6 @@ class ConvAdapter(nn.Module):
         return self.alpha * self.up(self.act(self.down(self.dw(x))))
 
 
-def _add_conv_adapter(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
-    return out + module.conv_adapter(args[0])
-
-
 @register("conv_adapter", ConvAdapterConfig, merge_impossible=_NO_MERGE)
 def apply_conv_adapter(model: nn.Module, cfg: ConvAdapterConfig) -> None:
     """A :class:`ConvAdapter` beside every spatial convolution inside the blocks.
@@ -145,13 +136,11 @@ def apply_conv_adapter(model: nn.Module, cfg: ConvAdapterConfig) -> None:
             string (timm 'same' padding is an explicit number here).
     """
     names = modules_in_blocks(model, (nn.Conv2d,), cfg.target_modules, keep=lambda m: max(m.kernel_size) > 1)
-    p = next(model.parameters())
     for name in names:
         conv = model.get_submodule(name)
         if isinstance(conv.padding, str):
             raise ValueError(f"conv_adapter: {name} uses padding='{conv.padding}', expected explicit padding")
-        conv.add_module("conv_adapter", ConvAdapter(conv, cfg.gamma).to(p.device, p.dtype))
-        conv.register_forward_hook(_add_conv_adapter)
+        attach(model, name, "conv_adapter", ConvAdapter(conv, cfg.gamma), parallel=True)
 
 
 @dataclass
@@ -204,4 +193,4 @@ class LoRand(nn.Module):
 def apply_lorand(model: nn.Module, cfg: LoRandConfig) -> None:
     """A :class:`LoRand` at every MSLoRA site."""
     for site in find_sites(model, cfg.target_modules, cfg.layout):
-        attach(model, site, "lorand", LoRand(site.channels, cfg, site.layout))
+        attach(model, site.name, "lorand", LoRand(site.channels, cfg, site.layout))

@@ -131,4 +131,4 @@ def apply_mslora(model: nn.Module, cfg: MSLoRAConfig) -> None:
     for site in find_sites(model, cfg.target_modules, cfg.layout):
         module = MSLoRA(site.channels, cfg.rank, cfg.groups, cfg.kernel_sizes, cfg.enhance, cfg.global_pool,
                         cfg.gate, cfg.channel_shuffle, input_norm, cfg.zero_init, site.layout, site.name)
-        attach(model, site, "mslora", module)
+        attach(model, site.name, "mslora", module)
