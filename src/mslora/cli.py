@@ -132,11 +132,8 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_params(argv: list[str]) -> int:
     """``mslora params``: parameter counts of an adapted backbone (meta device), or the papers' tables; returns 0."""
-    import timm
-    import torch
-
     import mslora
-    from mslora.backbones import check_backbone_name
+    from mslora.backbones import meta_model
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="mslora")
@@ -160,11 +157,8 @@ def cmd_params(argv: list[str]) -> int:
         return 0
     if not a["backbone"]:
         raise ValueError("--backbone NAME is required (or --paper)")
-    check_backbone_name(a["backbone"])
     options = {k: v for k, v in a.items() if k in {f.name for f in dataclasses.fields(spec.config_cls)}}
-    with torch.device("meta"):
-        model = timm.create_model(a["backbone"], num_classes=a["num_classes"])
-    counts = mslora.count_parameters(mslora.adapt(model, method, **options))
+    counts = mslora.count_parameters(mslora.adapt(meta_model(a["backbone"], a["num_classes"]), method, **options))
     if a["json"]:
         print(json.dumps(counts))
     else:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import timm
 import torch
 
 import mslora
+from mslora.backbones import meta_model
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ ROWS: list[Row] = [
 
 
 def _count(row: Row) -> tuple[int, int]:
-    with torch.device("meta"):
-        model = timm.create_model(row.backbone, num_classes=1000)
+    model = meta_model(row.backbone)
     base = sum(p.numel() for p in model.parameters())
     mslora.adapt(model, row.method, **row.options)
     if row.part == "all":
@@ -105,10 +104,9 @@ def formula(row: Row) -> float | None:
     """RLRR supp. Table 4 formulas evaluated on the backbone (parameters, not millions), or None."""
     if not row.source.startswith("RLRR"):
         return None
-    with torch.device("meta"):
-        model = timm.create_model(row.backbone)
     from mslora.core.inject import blocks
 
+    model = meta_model(row.backbone)
     names = blocks(model)[0]
     linears = [m for n, m in model.named_modules() if n.startswith(tuple(b + "." for b in names)) and isinstance(m, torch.nn.Linear)]
     dims = [model.get_submodule(b).norm1.normalized_shape[0] for b in names]  # D of each layer

@@ -110,6 +110,17 @@ def weights_source(name: str, pretrained: bool, weights: str | None) -> str:
     return "timm-hub"
 
 
+def meta_model(name: str, num_classes: int = 1000) -> nn.Module:
+    """timm model ``name`` built on the meta device: shapes and parameter counts without memory or weights.
+
+    Raises:
+        ValueError: unknown backbone (close matches named).
+    """
+    check_backbone_name(name)
+    with torch.device("meta"):
+        return timm.create_model(name, num_classes=num_classes)
+
+
 def create_backbone(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
                     **kwargs) -> nn.Module:
     """Create timm model ``name`` with a ``num_classes`` classifier and pretrained weights (see module doc).
