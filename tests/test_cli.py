@@ -20,7 +20,15 @@ def test_train_then_eval_reproduces_test_accuracy(image_folder, tmp_path, capsys
     out = tmp_path / "runs"
     assert main(["train", *TINY, "--data", str(image_folder), "--output", str(out)]) == 0
     (run,) = run_dirs(out)
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "train.log", "metrics.json", "adapter.safetensors"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "train.log", "metrics.json", "metrics.jsonl",
+                                                "adapter.safetensors", "checkpoints", "tensorboard"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "best.safetensors"}
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [1, 2]
+    for ln in lines:
+        for k in ("train_loss", "val_top1", "val_loss", "lr", "images_per_s", "peak_mem_mb"):
+            assert isinstance(ln[k], float)
     m = json.loads((run / "metrics.json").read_text())
     for k in ("method", "backbone", "dataset", "trainable_params", "total_params", "val_top1", "test_top1",
               "test_top5", "epochs", "seconds"):
@@ -127,10 +135,21 @@ def test_params_requires_backbone_or_paper(capsys):
     one_line_error(capsys, ["params", "--method", "mslora"], "--backbone NAME is required")
 
 
-def test_trainer_method_defaults():
-    from mslora.engine import TrainConfig
+def test_main_job_options_do_not_leak_into_other_methods(capsys):
+    from mslora.cli import _train_config
+    from mslora.engine import TrainConfig, main_job
 
-    assert TrainConfig().method_options == {"rank": 32}  # the main job's MSLoRA rank
-    assert TrainConfig(method_options={"groups": 2}).method_options == {"rank": 32, "groups": 2}
-    assert TrainConfig(method_options={"rank": 128}).method_options == {"rank": 128}
-    assert TrainConfig(method="linear").method_options == {}
+    assert main_job().method == "mslora" and main_job().method_options == {"rank": 32}  # the main job's rank
+    assert main_job(method="lora").method_options == {}  # LoRA at its own (PEFT) defaults, not rank 32
+    assert main_job(method_options={"groups": 2}).method_options == {"rank": 32, "groups": 2}
+    assert TrainConfig(method="lora").method_options == {} and TrainConfig().method_options == {}
+    assert _train_config([]).method_options == {"rank": 32}  # `mslora train` is the main job
+    assert _train_config(["--method", "lora"]).method_options == {}
+    assert _train_config(["--method", "lora", "--rank", "4"]).method_options == {"rank": 4}
+    assert _train_config(["--rank", "8"]).method_options == {"rank": 8}
+
+
+def test_bare_mslora_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mslora COMMAND") and "merge" in out

@@ -7,12 +7,15 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from mslora.core.inject import freeze_backbone, head_module, under
+from mslora.core.inject import collect_handles, freeze_backbone, head_module, under
 from mslora.core.state import (
     Adaptation,
     adaptation,
@@ -23,8 +26,9 @@ from mslora.core.state import (
 )
 from mslora.registry import get_method, list_methods
 
-__all__ = ["adapt", "merge", "count_parameters", "save_adapter", "load_adapter", "list_methods"]
-__version__ = "0.1.0"
+__all__ = ["adapt", "merge", "unadapt", "count_parameters", "save_adapter", "load_adapter", "save_backbone",
+           "list_methods"]
+__version__ = "0.2.0"
 
 
 def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
@@ -33,6 +37,7 @@ def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
     The backbone is frozen (``requires_grad=False``; BatchNorm running statistics stay fixed even in
     train mode; DropPath stays active, MSLoRA Sec. 4.1) and the classifier head (timm ``get_classifier()``)
     stays trainable, unless the method trains the backbone (``full``). Then the method inserts its modules.
+    Every hook it registers keeps its handle, so :func:`merge` and :func:`unadapt` leave a plain backbone.
 
     Args:
         model: a timm model (any ``timm.create_model`` result).
@@ -48,25 +53,58 @@ def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
     spec = get_method(method)
     cfg = spec.make_config(**options)
     head = tuple(head_module(model))
-    if spec.freeze_backbone:
-        freeze_backbone(model, list(head))
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules_before = {id(m) for m in model.modules()}
     before = {id(t): t for t in (*model.parameters(), *model.buffers())}  # held, so no id is reused
-    spec.apply(model, cfg)
+    with collect_handles() as handles:
+        if spec.freeze_backbone:
+            freeze_backbone(model, list(head))
+        spec.apply(model, cfg)
     tensors = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     added = frozenset(n for n, t in tensors if id(t) not in before)
     if spec.freeze_backbone:  # some injectors (PEFT) freeze everything but their own parameters
         for name, p in model.named_parameters():
             if under(name, head):
                 p.requires_grad_(True)
-    model.mslora_adaptation = Adaptation(method, cfg, added, head)
+    # Backbone tensors trained in place (bias-tune, norm-tune): keep a copy so unadapt can give them back.
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()
+                 if spec.freeze_backbone and p.requires_grad and n not in added and not under(n, head)}
+    new_roots = tuple(n for n, m in model.named_modules() if id(m) not in modules_before
+                      and id(model.get_submodule(n.rpartition(".")[0])) in modules_before
+                      and not _undone_by_own_api(model, n))
+    model.mslora_adaptation = Adaptation(method, cfg, added, head, new_roots, tuple(handles), requires_grad, originals)
     return model
 
 
+def _undone_by_own_api(model: nn.Module, name: str) -> bool:
+    """PEFT layers (replaced by their base layer) and parametrize containers (removed by parametrize)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(model.get_submodule(name), BaseTunerLayer) or name.rpartition(".")[2] == "parametrizations"
+
+
+def _strip(model: nn.Module, rec: Adaptation) -> None:
+    """Remove what is left of an adaptation after its method's own merge or undo: hooks, attached modules, the
+    record; restore every parameter's ``requires_grad`` as it was before :func:`adapt`."""
+    for handle in rec.handles:
+        handle.remove()
+    for name in sorted(rec.added_modules, key=len, reverse=True):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if hasattr(owner, child):
+            delattr(owner, child)
+    for name, p in model.named_parameters():
+        p.requires_grad_(rec.requires_grad.get(name, True))
+    del model.mslora_adaptation
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter into the backbone weights, in place, and return the model.
+    """Fold the adapter into the backbone weights, in place, and return the model as a plain backbone: the same
+    outputs, exactly the backbone's parameters and names, no hooks, no record, no wrapper classes (it saves as a
+    timm checkpoint, :func:`save_backbone`).
 
     Raises:
-        ValueError: the model is not adapted, or its method cannot merge (the message says why).
+        ValueError: the model is not adapted, or its method cannot merge (the message says why; nothing changes).
     """
     rec = adaptation(model)
     if rec is None:
@@ -75,7 +113,58 @@ def merge(model: nn.Module) -> nn.Module:
     if spec.merge is None:
         raise ValueError(f"method '{rec.method}' cannot be merged: {spec.merge_impossible}")
     spec.merge(model, rec.config)
+    _strip(model, rec)
     return model
+
+
+def unadapt(model: nn.Module) -> nn.Module:
+    """Remove the method entirely, in place, and return the original backbone: PEFT layers give back their base
+    layers unmerged, parametrizations their original tensors, attached modules and hooks are removed, tensors the
+    method trained in place (bias-tune, norm-tune) get their values from before :func:`adapt`, and every
+    ``requires_grad`` is as it was. The classifier head keeps what it learnt (it belongs to the task).
+
+    Raises:
+        ValueError: the model is not adapted, or it was fully fine-tuned (``full`` changed the backbone itself
+            and keeps no copy of it).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    rec = adaptation(model)
+    if rec is None:
+        raise ValueError("model is not adapted: nothing to remove")
+    if not get_method(rec.method).freeze_backbone:
+        raise ValueError(f"method '{rec.method}' trains the backbone itself; there is no original to return")
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.get_base_layer())
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            for tensor_name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, tensor_name, leave_parametrized=False)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in rec.originals.items():
+            params[name].copy_(value)
+    _strip(model, rec)
+    return model
+
+
+def save_backbone(model: nn.Module, path: str | Path) -> Path:
+    """Write a plain (unadapted or merged) model's state dict as a timm checkpoint (safetensors), which
+    ``timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=N)`` loads
+    without mslora. Returns the path.
+
+    Raises:
+        ValueError: the model is still adapted (merge or unadapt it first).
+    """
+    from safetensors.torch import save_file
+
+    if adaptation(model) is not None:
+        raise ValueError(f"model is adapted with '{adaptation(model).method}'; mslora.merge or mslora.unadapt it first")
+    path = Path(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -85,9 +174,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     same number of classes). Returns the model.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: not an adapter file, or it does not fit the model.
+        FileNotFoundError: no such file.
+        ValueError: not an adapter file (or one of another version, damaged or altered), a method or options this
+            version does not have or lacks, or tensors that do not fit the model.
     """
     tensors, meta = read_adapter(path)
+    spec = get_method(meta["method"])
+    names = {f.name for f in dataclasses.fields(spec.config_cls)}
+    missing = sorted(names - set(meta["config"]))
+    if missing:
+        raise ValueError(f"adapter file '{path}' lacks option(s) {', '.join(missing)} of method '{spec.name}' "
+                         "(written by another version of mslora?)")
     adapt(model, meta["method"], **meta["config"])
     load_adapter_state(model, tensors)
     return model

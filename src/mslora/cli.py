@@ -1,4 +1,4 @@
-"""Command line: ``mslora train | eval | params``.
+"""Command line: ``mslora train | eval | params | merge``.
 
 Options come from the config dataclasses (:class:`mslora.engine.TrainConfig` and the chosen method's
 config), their help from the comment on each field. Precedence: defaults < ``--config FILE.yaml`` < flags.
@@ -75,8 +75,12 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
 
 
 def _train_config(argv: list[str]):
-    """Parse ``mslora train`` arguments into a TrainConfig (defaults < YAML < flags)."""
-    from mslora.engine import TrainConfig
+    """Parse ``mslora train`` arguments into a TrainConfig (defaults < YAML < flags).
+
+    Without ``--config``, a run of the main job's method is the main job (its method options, e.g. MSLoRA's
+    rank 32, under the flags); another method starts from its own defaults.
+    """
+    from mslora.engine.config import MAIN_JOB_METHOD, MAIN_JOB_METHOD_OPTIONS, TrainConfig
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -89,10 +93,17 @@ def _train_config(argv: list[str]):
     parser = argparse.ArgumentParser(prog="mslora train", description="Train a method on a backbone and dataset; "
                                      "with no arguments, the main job (see README).")
     parser.add_argument("--config", help="YAML file of option: value (flags override it)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, with its "
+                        "own config.yaml (no other option may be given)")
     _add_fields(parser.add_argument_group("training"), TrainConfig, _TRAIN_ONLY)
     _add_fields(parser.add_argument_group(f"options of method '{method}'"), spec.config_cls)
     flags = vars(parser.parse_args(argv))
     flags.pop("config", None)
+    if flags.get("resume"):
+        if len(flags) > 1 or known.config:
+            raise ValueError("--resume RUN_DIR continues a run with its own config.yaml; give no other option")
+        return flags["resume"]
+    flags.pop("resume", None)
 
     train_names = {f.name for f in dataclasses.fields(TrainConfig)} - _TRAIN_ONLY
     method_names = {f.name for f in dataclasses.fields(spec.config_cls)}
@@ -102,17 +113,28 @@ def _train_config(argv: list[str]):
         raise ValueError(f"unknown option(s) {', '.join(unknown)} in {known.config}; expected training options or "
                          f"options of method '{method}': {', '.join(sorted(method_names)) or '(none)'}")
     options = {**values.get("method_options", {}), **{k: v for k, v in values.items() if k in method_names}}
+    if not known.config and method == MAIN_JOB_METHOD:
+        options = {**MAIN_JOB_METHOD_OPTIONS, **options}
     return TrainConfig(**{k: v for k, v in values.items() if k in train_names}, method_options=options)
 
 
 def cmd_train(argv: list[str]) -> int:
-    """``mslora train``: train, print the key metrics as JSON and the run directory; returns 0."""
-    from mslora.engine import train
+    """``mslora train``: train (or ``--resume`` a run), print the key metrics as JSON and the run directory;
+    returns 0 (a collapsed run says so on stderr and in its metrics.json)."""
+    from accelerate import PartialState
 
-    metrics, run = train(_train_config(argv))
-    print(json.dumps({k: metrics[k] for k in ("method", "backbone", "trainable_params", "val_top1", "test_top1",
-                                               "test_top5", "seconds")}))
-    print(f"run directory: {run}")
+    from mslora.engine import resume, train
+
+    cfg = _train_config(argv)
+    metrics, run = resume(cfg) if isinstance(cfg, str) else train(cfg)
+    if PartialState().is_main_process:
+        keys = ("task", "method", "backbone", "trainable_params", "val_top1", "test_top1", "test_top5", "collapsed",
+                "seconds")
+        print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
+        print(f"run directory: {run}")
+        if metrics.get("collapsed"):
+            print(f"mslora: warning: the run collapsed ({metrics['collapse_reason']}); metrics.json says "
+                  "collapsed: true, do not report it as a result", file=sys.stderr)
     return 0
 
 
@@ -124,9 +146,46 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file")
     p.add_argument("--data", help="data source (default: the one the adapter was trained on)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the training batch size)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: by device)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or mps")
     a = p.parse_args(argv)
-    print(json.dumps(evaluate_adapter(a.adapter, a.data, a.batch_size, a.workers), indent=2))
+    print(json.dumps(evaluate_adapter(a.adapter, a.data, a.batch_size, a.workers, a.device), indent=2))
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    """``mslora merge``: fold a trained adapter into its backbone and write a plain timm checkpoint; returns 0.
+
+    The file loads with timm alone: ``timm.create_model(NAME, pretrained=True,
+    pretrained_cfg_overlay=dict(file=FILE), num_classes=N)``.
+    """
+    import mslora
+    from mslora.core.state import read_adapter
+    from mslora.engine.config import TrainConfig
+    from mslora.tasks import get_task
+
+    p = argparse.ArgumentParser(prog="mslora merge", description="Merge a trained adapter into its backbone's "
+                                "weights and write a plain timm checkpoint (safetensors) that loads without mslora.")
+    p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file of a training run")
+    p.add_argument("--output", required=True, help="the .safetensors file to write (must not exist)")
+    a = p.parse_args(argv)
+    out = Path(a.output)
+    if out.exists():
+        raise ValueError(f"output '{out}' exists; choose a new file (nothing is overwritten)")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"output '{out}' must end in .safetensors")
+    path = Path(a.adapter) / "adapter.safetensors" if Path(a.adapter).is_dir() else Path(a.adapter)
+    _, meta = read_adapter(path)
+    if "train_config" not in meta:
+        raise ValueError(f"'{path}' holds no training config; merge it in Python with mslora.merge")
+    cfg = TrainConfig.from_dict({**meta["train_config"], "workers": 0}, f"adapter file '{path}'")
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # a random-init backbone is rebuilt as in training
+    task = get_task(cfg.task)(cfg)
+    model = mslora.merge(task.build_model(adapter=path))
+    mslora.save_backbone(model, out)
+    print(f"merged {cfg.method} into {cfg.backbone}: {out}")
     return 0
 
 
@@ -168,23 +227,34 @@ def cmd_params(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params, "merge": cmd_merge}
+USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
+
+  train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
+  eval     evaluate a trained adapter on its test split
+  params   parameter counts of an adapted backbone, or the papers' tables (--paper)
+  merge    fold a trained adapter into its backbone and write a plain timm checkpoint"""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mslora`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        if argv and argv[0] in ("-h", "--help"):
-            print(f"usage: mslora {{{','.join(COMMANDS)}}} [options]; 'mslora COMMAND --help' for each")
-            return 0
-        if argv:
-            print(f"mslora: error: unknown command '{argv[0]}'; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
-            return 2
-        argv = ["train"]  # bare `mslora` runs the main job too
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)  # a bare `mslora` prints help; the main job is `mslora train`
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"mslora: error: unknown command '{argv[0]}'; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from mslora.engine import TrainingDiverged
+
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except TrainingDiverged as e:
+        if os.environ.get("MSLORA_DEBUG"):
+            raise
+        print(f"mslora: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as e:
         if os.environ.get("MSLORA_DEBUG"):
             raise

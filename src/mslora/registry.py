@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,7 +49,34 @@ class Method:
                 f"unknown option(s) {', '.join(unknown)} for method '{self.name}'; "
                 f"expected some of: {', '.join(names) or '(none)'}"
             )
-        return self.config_cls(**options)
+        hints = typing.get_type_hints(self.config_cls)
+        for key, value in options.items():
+            if not _fits(value, hints[key]):
+                raise ValueError(f"option {key}={value!r} of method '{self.name}' must be of type "
+                                 f"{getattr(hints[key], '__name__', None) or str(hints[key]).replace('typing.', '')}")
+        try:
+            return self.config_cls(**options)
+        except TypeError as e:  # e.g. a non-comparable value that slipped past the type check
+            raise ValueError(f"invalid options for method '{self.name}': {e}") from None
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether an option value has its field's type (int passes for float; bool never passes for int or float;
+    a list passes for a tuple of its element type)."""
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and all(_fits(v, args[0]) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
 
 
 _METHODS: dict[str, Method] = {}

@@ -10,6 +10,8 @@ not change and backbone checkpoints still load) and run by a forward hook on the
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +203,28 @@ def under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name.startswith(p + ".") for p in prefixes)
 
 
+_HANDLES: ContextVar[list | None] = ContextVar("mslora_hook_handles", default=None)
+
+
+def keep_handle(handle):
+    """Hand a hook's ``RemovableHandle`` to the adaptation being built (:func:`collect_handles`), so that
+    ``mslora.merge`` and ``mslora.unadapt`` can remove the hook; returns the handle."""
+    pending = _HANDLES.get()
+    if pending is not None:
+        pending.append(handle)
+    return handle
+
+
+@contextmanager
+def collect_handles():
+    """Within the block, :func:`keep_handle` appends to the yielded list (``mslora.adapt`` uses this)."""
+    token = _HANDLES.set([])
+    try:
+        yield _HANDLES.get()
+    finally:
+        _HANDLES.reset(token)
+
+
 def _keep_eval(module: nn.Module, _args) -> None:
     # Frozen BatchNorm: normalise with the pretrained running statistics even in train mode (Sec. 4.1).
     module.training = False
@@ -218,7 +242,7 @@ def freeze_backbone(model: nn.Module, trainable_prefixes: list[str]) -> None:
         p.requires_grad_(under(name, prefixes))
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name in prefixes or under(name, prefixes)):
-            m.register_forward_pre_hook(_keep_eval)
+            keep_handle(m.register_forward_pre_hook(_keep_eval))
 
 
 def _run_adapter(attr: str, parallel: bool):
@@ -238,4 +262,4 @@ def attach(model: nn.Module, target: str, attr: str, adapter: nn.Module, paralle
     module = model.get_submodule(target)
     p = next(model.parameters())
     module.add_module(attr, adapter.to(device=p.device, dtype=p.dtype))
-    module.register_forward_hook(_run_adapter(attr, parallel))
+    keep_handle(module.register_forward_hook(_run_adapter(attr, parallel)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-FORMAT = "mslora.adapter/1"
+FORMAT = "mslora.adapter/2"  # 2: a sha256 of the tensors in the metadata
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,22 @@ class Adaptation:
             object identity when adapting: methods that wrap or re-parametrise backbone layers (PEFT's
             ``base_layer``, ``parametrizations.weight.original``) rename backbone tensors without adding them.
         head: qualified names of the classifier head modules.
+        added_modules: names of the modules the method attached (roots of new subtrees), which
+            :func:`mslora.unadapt` deletes; PEFT layers and parametrizations are undone by their own APIs.
+        handles: ``RemovableHandle`` of every hook the adaptation registered (BatchNorm freezing, adapters).
+        requires_grad: each backbone parameter's ``requires_grad`` before adaptation.
+        originals: copies of the backbone tensors the method trains in place (bias-tune, norm-tune), so that
+            :func:`mslora.unadapt` can give the backbone back as it was.
     """
 
     method: str
     config: Any
     added: frozenset[str]
     head: tuple[str, ...]
+    added_modules: tuple[str, ...] = ()
+    handles: tuple = ()
+    requires_grad: dict[str, bool] = dataclasses.field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def adaptation(model: nn.Module) -> Adaptation | None:
@@ -91,11 +102,23 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
     """Write the adapter file: :func:`adapter_state_dict` as safetensors, with the method and its config as
     JSON in the file's metadata (plus ``metadata``, each value JSON-encoded).
 
-    Returns the path written. Raises ValueError if the model was not adapted.
+    Returns the path written.
+
+    Raises:
+        ValueError: the model was not adapted, or ``metadata`` names a reserved key (format, method, config, sha256).
     """
     rec = adaptation(model)
+    if rec is None:
+        raise ValueError("model is not adapted: call mslora.adapt(model, METHOD) first (after mslora.merge the model "
+                         "is a plain backbone: save it with mslora.save_backbone)")
+    reserved = sorted(set(metadata or {}) & {"format", "method", "config", "sha256"})
+    if reserved:
+        raise ValueError(f"metadata key(s) {', '.join(reserved)} are reserved for the adapter file itself")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
-    meta = {"format": FORMAT, "method": rec.method, "config": json.dumps(dataclasses.asdict(rec.config))}
+    if not tensors:
+        raise ValueError("the adapted model has no trainable tensors to save")
+    meta = {"format": FORMAT, "method": rec.method, "config": json.dumps(dataclasses.asdict(rec.config)),
+            "sha256": _digest(tensors)}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)
@@ -118,10 +141,32 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise ValueError(f"'{path}' is not a safetensors file: {e}") from None
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"'{path}' is not an mslora adapter file (format={raw.get('format')!r}, expected {FORMAT})")
-    meta = {k: (v if k in ("format", "method") else json.loads(v)) for k, v in raw.items()}
+    fmt = raw.get("format")
+    if fmt != FORMAT:
+        other = " (written by another version of mslora)" if str(fmt).startswith("mslora.adapter/") else ""
+        raise ValueError(f"'{path}' is not an mslora adapter file of this version: format={fmt!r}{other}, "
+                         f"expected {FORMAT}")
+    if "method" not in raw or "config" not in raw:
+        raise ValueError(f"adapter file '{path}' lacks its {'method' if 'method' not in raw else 'config'} metadata")
+    try:
+        meta = {k: (v if k in ("format", "method", "sha256") else json.loads(v)) for k, v in raw.items()}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"adapter file '{path}' has damaged metadata: {e}") from None
+    if not isinstance(meta["config"], dict):
+        raise ValueError(f"adapter file '{path}' has a config that is not a mapping")
+    if meta.get("sha256") != _digest(tensors):
+        raise ValueError(f"adapter file '{path}' was altered: its tensors do not match the checksum written with them")
     return tensors, meta
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
@@ -34,7 +34,12 @@ SPLITS = ("1k", "full")
 
 
 class Subset(Dataset):
-    """Indices of a base dataset that yields (image, label), with a transform applied to the image."""
+    """Indices of a base dataset that yields (image, label), with a transform applied to the image.
+
+    Items are indexed by position ``i`` or by ``(i, seed)`` (what :class:`EpochSampler` yields): the transform then
+    draws its randomness (crop, flip) from a generator seeded with ``seed`` alone, so an image's augmentation does
+    not depend on which process or DataLoader worker loads it, nor on whether the run was resumed.
+    """
 
     def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable | None = None) -> None:
         self.base, self.indices, self.transform = base, list(indices), transform
@@ -42,9 +47,43 @@ class Subset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
         img, label = self.base[self.indices[i]]
-        return (self.transform(img) if self.transform else img), int(label)
+        if self.transform is None:
+            return img, int(label)
+        if seed is None:
+            return self.transform(img), int(label)
+        with torch.random.fork_rng(devices=[]):  # torchvision v2 draws from torch's global CPU generator
+            torch.manual_seed(seed)
+            return self.transform(img), int(label)
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, seed)`` for every item once per epoch: the order (shuffled or not) and the per-item
+    augmentation seeds are functions of (``seed``, epoch) only, so every process of a distributed run sees the
+    same global order (Accelerate then gives each its share) and a resumed run the same batches.
+
+    ``set_epoch(epoch)`` picks the epoch (Accelerate's data loader calls it); ``skip`` items at the start of the
+    epoch are left out (resume in the middle of an epoch).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch, self.skip = n, seed, shuffle, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and seeds the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.skip)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=gen)
+        for i, s in list(zip(order.tolist(), seeds.tolist()))[self.skip:]:
+            yield i, s
 
 
 @dataclass

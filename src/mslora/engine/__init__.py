@@ -1,127 +1,123 @@
-"""One classification trainer for every method: it trains whatever has ``requires_grad`` and saves what
-:func:`mslora.core.state.adapter_state_dict` says, never a method by name.
+"""One training engine for every method and task, on Hugging Face Accelerate (device placement, bf16/fp16 autocast,
+gradient accumulation, DDP launched by ``torchrun`` or ``accelerate launch``), in one short loop (nanoGPT's style).
 
-Recipe (MSLoRA Sec. 4.1): AdamW (weight decay 0.05, betas 0.9/0.999; no decay on biases and norms, timm's
-``create_optimizer_v2``), cosine decay with linear warmup per step (timm ``CosineLRScheduler``), the best
-epoch chosen on validation top-1, test accuracy of that epoch reported at the end.
+The engine knows no method and no task by name: it trains whatever has ``requires_grad``, sums the loss dict the
+task (:mod:`mslora.tasks`) returns, keeps the epoch with the task's best validation metric, and saves what
+:func:`mslora.core.state.adapter_state_dict` says.
+
+Recipe (MSLoRA Sec. 4.1): AdamW (weight decay on weights only, betas 0.9/0.999; timm ``create_optimizer_v2``),
+linear warmup then cosine decay per optimiser step (timm ``CosineLRScheduler``), global gradient-norm clipping
+(``clip_grad``, default 1.0), the best epoch chosen on validation and only its test metrics reported.
+
+Distributed: ``batch_size`` is the global batch; each of N processes gets 1/N of every batch (Accelerate
+``split_batches``), so a run's optimisation does not depend on N. Data order and augmentation come from
+(seed, epoch, item) alone (:class:`mslora.data.EpochSampler`). Only trainable parameters are in DDP's buckets
+(frozen ones are skipped by DDP itself); ``find_unused_parameters`` is switched on only when a probe backward
+finds a trainable parameter without a gradient (e.g. MSLoRA after the last block of a ViT that pools its class
+token), and the log names those parameters. Metrics are gathered over all processes without duplicates
+(``gather_for_metrics``). Only the main process writes files.
+
+Run directory: ``config.yaml``, ``train.log``, ``metrics.jsonl`` (a line per epoch), ``tensorboard/`` (event
+files), ``checkpoints/last.pt`` (everything resume needs, atomically replaced every epoch and every
+``ckpt_every`` steps), ``checkpoints/best.safetensors`` (best adapter so far), and at the end ``metrics.json``
+and ``adapter.safetensors``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import random
+import math
+import resource
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import timm
 import torch
 import yaml
-from timm.data import resolve_model_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
 import mslora
-from mslora.backbones import check_backbone_name, create_backbone, weights_source
-from mslora.core.state import adapter_state_dict, read_adapter
-from mslora.data import ClassificationData, build_transforms, load_classification
-from mslora.registry import get_method
+from mslora.backbones import weights_source
+from mslora.core.state import adapter_state_dict, load_adapter_state, read_adapter
+from mslora.data import EpochSampler
+from mslora.engine.checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mslora.engine.config import TrainConfig, default_workers, main_job
+from mslora.tasks import get_task
+
+__all__ = ["TrainConfig", "main_job", "train", "resume", "evaluate_adapter", "TrainingDiverged"]
 
 log = logging.getLogger("mslora")
-
-# The trainer's defaults for a method's options, under what the user gives. The main job's backbone,
-# EfficientNet-Lite0, has 3.37M parameters: MSLoRA at the paper's rank 128 would add 18.5% of them, rank 32
-# adds 3.2%, inside the paper's "under about 5%" (mslora.adapt itself keeps the paper's 128).
-TRAINER_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"mslora": {"rank": 32}}
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run needs. Defaults are the main job (see README: 'Main job')."""
-
-    backbone: str = "tf_efficientnet_lite0"  # timm model name
-    method: str = "mslora"  # registered method (mslora.list_methods())
-    data: str = "fashion-mnist"  # 'fashion-mnist', a Fashion-MNIST idx directory, or an ImageFolder directory
-    split: str = "1k"  # '1k' (800 train + 200 val drawn with split_seed, full test) or 'full'
-    split_seed: int = 0  # seed of the train/val draw, fixed across training seeds like VTAB-1k's split
-    epochs: int = 20  # training epochs
-    batch_size: int = 32  # images per step
-    lr: float = 1e-2  # peak learning rate of the trainable parameters (main job: chosen on validation)
-    weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
-    warmup_epochs: int = 2  # linear warmup from lr/100, then cosine decay to 0 (per step)
-    img_size: int = 64  # training crop and evaluation size in pixels
-    output: str = "runs"  # parent directory of run directories
-    seed: int = 0  # seed of initialisation, augmentation and batch order
-    pretrained: bool = True  # load pretrained weights (offline package, else timm hub)
-    weights: str | None = None  # local checkpoint path instead of pretrained weights
-    drop_path_rate: float = 0.0  # stochastic depth of the backbone, active during training (Sec. 4.1)
-    workers: int = 0  # DataLoader worker processes (0: load in the main process)
-    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options, e.g. rank
-
-    def __post_init__(self) -> None:
-        self.method_options = {**TRAINER_METHOD_DEFAULTS.get(self.method, {}), **self.method_options}
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or Inf; the run stopped and its last good checkpoint stays."""
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def _accelerator(cfg: TrainConfig):
+    """An Accelerator for ``cfg`` (device, precision, accumulation, global batches split over processes).
 
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, desc: str = "eval") -> dict[str, float]:
-    """Top-1, top-5 (fractions in [0, 1], torchmetrics micro accuracy) and mean cross-entropy over ``loader``.
-
-    Top-5 is top-k with k = min(5, num_classes).
+    Raises:
+        ValueError: a device that is not there, or fp16 without CUDA.
     """
-    model.eval()
-    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-    loss_sum, n = 0.0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
-        logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        n += len(y)
-        top1.update(logits, y)
-        top5.update(logits, y)
-    return {"top1": top1.compute().item(), "top5": top5.compute().item(), "loss": loss_sum / max(n, 1)}
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but PyTorch sees no CUDA device; use --device cpu or auto")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps' but PyTorch sees no MPS device; use --device cpu or auto")
+    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.precision == "fp16" and not on_cuda:
+        raise ValueError("precision='fp16' needs a CUDA device (autocast with a gradient scaler); use bf16 on a CPU")
+    # Accelerate keeps its state in a process-wide singleton that refuses another precision; a run may follow
+    # another in one process (a notebook, the tests). The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    acc = Accelerator(cpu=cfg.device == "cpu", mixed_precision=_PRECISION[cfg.precision],
+                      gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[ddp],
+                      dataloader_config=DataLoaderConfiguration(split_batches=True), step_scheduler_with_optimizer=False)
+    if cfg.batch_size % acc.num_processes:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {acc.num_processes} processes "
+                         f"(it is the global batch, split over them)")
+    return acc, ddp
 
 
-def _loaders(cfg: TrainConfig, model: nn.Module, data: ClassificationData) -> dict[str, DataLoader]:
-    dc = resolve_model_data_config(model)
-    kw = dict(mean=dc["mean"], std=dc["std"], crop_pct=dc.get("crop_pct", 0.875), interpolation=dc.get("interpolation", "bicubic"))
-    data.with_transforms(build_transforms(cfg.img_size, train=True, **kw), build_transforms(cfg.img_size, train=False, **kw))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
-    return {
-        "train": DataLoader(data.train, shuffle=True, drop_last=len(data.train) > cfg.batch_size, generator=gen, **common),
-        "val": DataLoader(data.val, shuffle=False, **common),
-        "test": DataLoader(data.test, shuffle=False, **common),
-    }
+def _loader(task, split: str, cfg: TrainConfig, workers: int, pin: bool) -> tuple[DataLoader, EpochSampler]:
+    ds = task.datasets[split]
+    sampler = EpochSampler(len(ds), cfg.seed, shuffle=split == "train")
+    drop_last = split == "train" and len(ds) > cfg.batch_size
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+                      pin_memory=pin, persistent_workers=workers > 0, collate_fn=task.collate_fn), sampler
 
 
-def build_backbone(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The backbone with its weights. Models with a fixed patch grid (ViT, Swin) are built for ``cfg.img_size``
-    (timm resamples position embeddings of pretrained weights); CNNs take any size as they are."""
-    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.backbone)  # None for an unknown name: create_backbone says so
-    fixed = pretrained_cfg is not None and pretrained_cfg.fixed_input_size
-    size = {"img_size": cfg.img_size} if fixed and pretrained_cfg.input_size[-1] != cfg.img_size else {}
-    return create_backbone(cfg.backbone, num_classes, cfg.pretrained, cfg.weights, drop_path_rate=cfg.drop_path_rate,
-                           **size)
+def _channels_last(batch: Any) -> Any:
+    """Every 4-D floating tensor of a (nested) batch in channels-last memory format."""
+    if torch.is_tensor(batch):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 and batch.is_floating_point() else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_channels_last(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _channels_last(v) for k, v in batch.items()}
+    return batch
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """:func:`build_backbone` adapted by ``cfg.method`` with ``cfg.method_options``."""
-    return mslora.adapt(build_backbone(cfg, num_classes), cfg.method, **cfg.method_options)
+def _unused_trainable(task, model: nn.Module, batch: Any) -> list[str]:
+    """Trainable parameters that get no gradient from one backward pass (eval mode, RNG untouched)."""
+    was = model.training
+    with torch.random.fork_rng(devices=[]):
+        model.eval()
+        losses, _ = task.losses(model, batch)
+        sum(losses.values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    return unused
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -137,129 +133,291 @@ def _run_dir(cfg: TrainConfig) -> Path:
     raise ValueError(f"cannot create a new run directory under '{cfg.output}'")
 
 
-def _add_file_log(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    return handler
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far: the CUDA allocator's peak on CUDA, else this process's peak resident set (Linux KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
-def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
-    """Train ``cfg.method`` on ``cfg.backbone`` and ``cfg.data``; returns (metrics, run directory).
+def train(cfg: TrainConfig, run_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Train ``cfg.method`` on ``cfg.backbone`` for ``cfg.task``; returns (metrics, run directory).
 
-    The run directory holds ``config.yaml`` (resolved config), ``train.log``, ``metrics.json`` and
-    ``adapter.safetensors`` (the best validation epoch's adapter and head, with the config as metadata).
-    Everything is validated before the run directory is created.
+    Args:
+        cfg: the run's configuration.
+        run_dir: continue the run in this directory from its last checkpoint (see :func:`resume`); None starts a
+            new run directory under ``cfg.output``.
 
     Raises:
-        ValueError / FileNotFoundError: bad method, option, backbone, data or weights (nothing is written).
+        ValueError / FileNotFoundError: bad method, option, backbone, data, weights or device (checked before the
+            run directory is created, so nothing is written).
+        TrainingDiverged: the loss became NaN or Inf (the message names the step; the last checkpoint stays).
     """
-    get_method(cfg.method).make_config(**cfg.method_options)  # fail on bad options before loading anything
-    check_backbone_name(cfg.backbone)
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.img_size < 8 or cfg.lr <= 0:
-        raise ValueError(f"epochs={cfg.epochs}, batch_size={cfg.batch_size}, img_size={cfg.img_size} and lr={cfg.lr} "
-                         "must be positive (img_size at least 8)")
-    data = load_classification(cfg.data, cfg.split, cfg.split_seed)
-    seed_everything(cfg.seed)
-    model = build_model(cfg, data.num_classes)
-    loaders = _loaders(cfg, model, data)
+    from accelerate.utils import broadcast_object_list, set_seed
 
-    run = _run_dir(cfg)
-    (run / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    handler = _add_file_log(run / "train.log")
+    task = get_task(cfg.task)(cfg)
+    acc, ddp = _accelerator(cfg)
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    model = task.build_model()
+    task.set_transforms(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    if run_dir is None:
+        box = [str(_run_dir(cfg)) if acc.is_main_process else None]
+        broadcast_object_list(box)  # every process writes to (and reads the best adapter from) one directory
+        run = Path(box[0])
+    else:
+        run = Path(run_dir)
+    main = acc.is_main_process
+    handler = None
     level = log.level
-    log.setLevel(logging.INFO)  # the run's log holds every line whatever the caller's logging level
+    if main:
+        (run / "checkpoints").mkdir(exist_ok=True)
+        if run_dir is None:
+            (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        handler = logging.FileHandler(run / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)  # the run's log holds every line whatever the caller's logging level
     try:
-        return _fit(cfg, model, data, loaders, run), run
+        return _fit(cfg, task, acc, ddp, model, run, resuming=run_dir is not None), run
     except Exception as e:
-        log.error("run failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+        if main:
+            log.error("run failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
         raise
     finally:
         log.setLevel(level)
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
 
 
-def _fit(cfg: TrainConfig, model: nn.Module, data: ClassificationData, loaders: dict[str, DataLoader], run: Path) -> dict[str, Any]:
+def resume(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
+    """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` with its own ``config.yaml``; a run that
+    crashed before its first checkpoint starts over in the same directory.
+
+    With ``deterministic=True`` in its config, a run killed at any point and resumed ends with the same adapter
+    tensors and metrics as an uninterrupted run (the data order and augmentation are functions of the seed,
+    epoch and item; the random generators, optimiser, scheduler and scaler are restored).
+
+    Raises:
+        FileNotFoundError: no such run directory or no config.yaml in it.
+        ValueError: the run has already finished (metrics.json exists), or a damaged config or checkpoint.
+    """
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"'{run}' is not a run directory (no config.yaml)")
+    if (run / "metrics.json").exists():
+        raise ValueError(f"run '{run}' has finished (metrics.json exists); nothing to resume")
+    try:
+        values = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"'{run / 'config.yaml'}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    return train(TrainConfig.from_dict(values, f"'{run / 'config.yaml'}'"), run_dir=run)
+
+
+def _fit(cfg: TrainConfig, task, acc, ddp, model: nn.Module, run: Path, resuming: bool) -> dict[str, Any]:
+    from accelerate.utils import gather_object, send_to_device
+
+    main = acc.is_main_process
+    workers = cfg.workers if cfg.workers is not None else default_workers(acc.device.type, acc.num_processes)
+    pin = acc.device.type == "cuda"
+    (train_loader, sampler), (val_loader, _), (test_loader, _) = (
+        _loader(task, s, cfg, workers, pin) for s in ("train", "val", "test"))
     counts = mslora.count_parameters(model)
-    log.info("run %s: %s on %s, %s; %d train / %d val / %d test images, %d classes", run, cfg.method, cfg.backbone,
-             data.name, len(data.train), len(data.val), len(data.test), data.num_classes)
-    log.info("parameters: %s", json.dumps(counts))
+    if acc.num_processes > 1:
+        with torch.random.fork_rng(devices=[]):  # the probe's loader draws a seed: keep the generators as they were
+            probe = next(iter(train_loader))
+        unused = _unused_trainable(task, model.to(acc.device), send_to_device(probe, acc.device))
+        if unused:
+            ddp.find_unused_parameters = True
+            if main:
+                log.info("DDP: find_unused_parameters on: %d trainable tensors get no gradient (%s%s)", len(unused),
+                         ", ".join(unused[:4]), ", ..." if len(unused) > 4 else "")
     opt = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    steps_per_epoch = len(loaders["train"])
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     sched = CosineLRScheduler(opt, t_initial=cfg.epochs * steps_per_epoch, lr_min=0.0,
                               warmup_t=cfg.warmup_epochs * steps_per_epoch, warmup_lr_init=cfg.lr / 100,
                               warmup_prefix=True, t_in_epochs=False)
-    t0 = time.perf_counter()
-    best = {"epoch": -1, "top1": -1.0, "state": None}
-    step = 0
-    for epoch in range(cfg.epochs):
+    model, opt, train_loader, val_loader, test_loader = acc.prepare(model, opt, train_loader, val_loader, test_loader)
+    bare = acc.unwrap_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    ckpt_path, best_path = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.safetensors"
+    state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "seconds": 0.0, "history": [],
+             "best_epoch": -1, "best_value": -math.inf}
+    if resuming and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        load_adapter_state(bare, ck["trainable"])
+        opt.optimizer.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if acc.scaler is not None and ck["scaler"] is not None:
+            acc.scaler.load_state_dict(ck["scaler"])
+        rngs = ck["rng"]
+        set_rng_state(rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0])
+        state.update({k: ck[k] for k in state})
+        if main:
+            log.info("resumed from %s: epoch %d, batch %d, step %d", ckpt_path, state["epoch"] + 1, state["batch"],
+                     state["step"])
+    elif resuming and main:
+        log.info("no checkpoint in %s: starting the run over", run / "checkpoints")
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run / "tensorboard"), purge_step=state["step"] if resuming else None)
+        # metrics.jsonl holds exactly the epochs the checkpoint knows (a crash may have left a later line)
+        atomic_write(run / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in state["history"])))
+        log.info("run %s: %s on %s, task %s, %s; %s images; device %s, %d process(es), precision %s%s", run,
+                 cfg.method, cfg.backbone, cfg.task, task.metadata().get("dataset", cfg.data),
+                 " / ".join(f"{len(d)} {s}" for s, d in task.datasets.items()), acc.device, acc.num_processes,
+                 cfg.precision, ", channels_last" if cfg.channels_last else "")
+        log.info("parameters: %s", json.dumps(counts))
+
+    def checkpoint() -> None:
+        rngs = gather_object([rng_state()])  # every process's generators, so each resumes its own
+        if main:
+            save_checkpoint(ckpt_path, {
+                "trainable": {k: v.detach().cpu() for k, v in adapter_state_dict(bare).items()},
+                "optimizer": opt.optimizer.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "rng": rngs, **state})
+
+    meta = {"train_config": cfg.to_dict(), **task.metadata()}
+    t_start = time.perf_counter() - state["seconds"]
+    for epoch in range(state["epoch"], cfg.epochs):
         model.train()
-        loss_sum, seen, t_epoch = 0.0, 0, time.perf_counter()
-        bar = tqdm(loaders["train"], desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=None)
-        for x, y in bar:
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            sched.step_update(step)
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
-        val = evaluate(model, loaders["val"], data.num_classes, "val")
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.4f  lr %.2e  %.0f img/s", epoch + 1, cfg.epochs,
-                 loss_sum / max(seen, 1), val["loss"], val["top1"], opt.param_groups[0]["lr"],
-                 seen / (time.perf_counter() - t_epoch))
-        if val["top1"] > best["top1"]:
-            best = {"epoch": epoch + 1, "top1": val["top1"],
-                    "state": {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}}
-    seconds_train = time.perf_counter() - t0
-    model.load_state_dict(best["state"], strict=False)  # the best validation epoch
-    test = evaluate(model, loaders["test"], data.num_classes, "test")
-    seconds = time.perf_counter() - t0
+        train_loader.set_epoch(epoch)
+        sampler.skip = state["batch"] * cfg.batch_size  # resume in the middle of an epoch
+        t_epoch, seen_at_start = time.perf_counter(), state["seen"]
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=None if main else True)
+        for batch in bar:
+            if cfg.channels_last:
+                batch = _channels_last(batch)
+            with acc.accumulate(model):
+                losses, n = task.losses(model, batch)
+                loss = sum(losses.values())
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.clip_grad:
+                    acc.clip_grad_norm_(trainable, cfg.clip_grad)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            value = acc.reduce(loss.detach().float(), "mean").item()
+            if not math.isfinite(value):
+                where = f"step {state['step'] + 1} (epoch {epoch + 1}, batch {state['batch'] + 1})"
+                msg = f"training loss is {value} at {where}; the last good checkpoint is {ckpt_path}"
+                raise TrainingDiverged(msg)
+            state["batch"] += 1
+            state["seen"] += n * acc.num_processes
+            state["loss_sum"] += value * n * acc.num_processes
+            if acc.sync_gradients:
+                state["step"] += 1
+                sched.step_update(state["step"])
+                if writer is not None:
+                    writer.add_scalar("train/loss", value, state["step"])
+                    writer.add_scalar("train/lr", opt.param_groups[0]["lr"], state["step"])
+                if cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0:
+                    state["seconds"] = time.perf_counter() - t_start
+                    checkpoint()
+            if main:
+                bar.set_postfix(loss=f"{value:.3f}",
+                                img_s=f"{(state['seen'] - seen_at_start) / (time.perf_counter() - t_epoch):.0f}")
+        images_s = (state["seen"] - seen_at_start) / max(time.perf_counter() - t_epoch, 1e-9)
+        val = task.evaluate(model, val_loader, acc.gather_for_metrics, "val")
+        mem, mem_kind = _peak_memory_mb(acc.device)
+        record = {"epoch": epoch + 1, "step": state["step"], "train_loss": state["loss_sum"] / max(state["seen"], 1),
+                  **{f"val_{k}": v for k, v in val.items()}, "lr": opt.param_groups[0]["lr"],
+                  "images_per_s": round(images_s, 1), "peak_mem_mb": round(mem, 1), "peak_mem_kind": mem_kind}
+        state["history"].append(record)
+        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, seen=0)
+        if val[task.best_metric] > state["best_value"]:
+            state["best_epoch"], state["best_value"] = epoch + 1, val[task.best_metric]
+            if main:
+                atomic_write(best_path, lambda tmp: mslora.save_adapter(bare, tmp, meta))
+        if main:
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+            writer.flush()
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_%s %.4f  lr %.2e  %.0f img/s  peak mem %.0f MB",
+                     epoch + 1, cfg.epochs, record["train_loss"], val.get("loss", float("nan")), task.best_metric,
+                     val[task.best_metric], record["lr"], images_s, mem)
+        state["seconds"] = time.perf_counter() - t_start
+        checkpoint()
+    seconds_train = time.perf_counter() - t_start
+
+    acc.wait_for_everyone()  # the best adapter file is complete before any process reads it
+    tensors, _ = read_adapter(best_path)
+    load_adapter_state(bare, tensors)
+    test = task.evaluate(model, test_loader, acc.gather_for_metrics, "test")
+    seconds = time.perf_counter() - t_start
+    collapsed = task.collapsed(state["history"])
     metrics = {
-        "method": cfg.method, "backbone": cfg.backbone, "dataset": data.name, "split": cfg.split,
-        **counts,
-        "val_top1": best["top1"], "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
-        "best_epoch": best["epoch"], "epochs": cfg.epochs, "lr": cfg.lr, "img_size": cfg.img_size, "seed": cfg.seed,
-        "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
+        "task": cfg.task, "method": cfg.method, "backbone": cfg.backbone, "dataset": task.metadata().get("dataset"),
+        "split": cfg.split, **counts,
+        f"val_{task.best_metric}": state["best_value"], **{f"test_{k}": v for k, v in test.items()},
+        "best_epoch": state["best_epoch"], "epochs": cfg.epochs, "lr": cfg.lr, "img_size": cfg.img_size,
+        "batch_size": cfg.batch_size, "seed": cfg.seed, "collapsed": collapsed is not None, "collapse_reason": collapsed,
+        "train_images": len(task.datasets["train"]), "val_images": len(task.datasets["val"]),
+        "device": str(acc.device), "processes": acc.num_processes, "precision": cfg.precision,
+        "images_per_s": round(sum(h["images_per_s"] for h in state["history"]) / len(state["history"]), 1),
         "seconds_train": round(seconds_train, 1), "seconds": round(seconds, 1),
         "weights": weights_source(cfg.backbone, cfg.pretrained, cfg.weights),
     }
-    mslora.save_adapter(model, run / "adapter.safetensors",
-                        {"train_config": dataclasses.asdict(cfg), "num_classes": data.num_classes, "classes": data.classes})
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("best epoch %d: val_top1 %.4f  test_top1 %.4f  test_top5 %.4f  (%.0f s)", best["epoch"], best["top1"],
-             test["top1"], test["top5"], seconds)
+    if main:
+        if collapsed:
+            log.warning("WARNING: the run collapsed: %s; metrics.json says collapsed: true", collapsed)
+        atomic_write(run / "adapter.safetensors", lambda tmp: mslora.save_adapter(bare, tmp, meta))
+        atomic_write(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+        writer.close()
+        log.info("best epoch %d: val_%s %.4f  test: %s  (%.0f s)", state["best_epoch"], task.best_metric,
+                 state["best_value"], "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)), seconds)
+    acc.wait_for_everyone()
     return metrics
 
 
 def evaluate_adapter(adapter: str | Path, data: str | None = None, batch_size: int | None = None,
-                     workers: int = 0) -> dict[str, Any]:
-    """Rebuild the backbone an adapter was trained on, load the adapter and evaluate it on the test split.
+                     workers: int | None = None, device: str = "auto") -> dict[str, Any]:
+    """Rebuild the model an adapter was trained with, load the adapter and evaluate it on the test split.
 
     Args:
         adapter: a run directory or its ``adapter.safetensors``.
         data: data source; default the one the run was trained on (same split and split_seed).
+        device: auto, cpu, cuda or mps.
 
-    Returns a dict with test_top1, test_top5, test_loss, test_images, method, backbone.
+    Returns a dict with the task's test metrics (``test_top1``, ``test_top5``, ``test_loss`` for classification),
+    test_images, method, backbone, dataset.
 
     Raises:
         FileNotFoundError / ValueError: no adapter file, not an adapter file, or data that does not fit.
     """
+    from accelerate.utils import set_seed
+
     path = Path(adapter)
     path = path / "adapter.safetensors" if path.is_dir() else path
     _, meta = read_adapter(path)
-    cfg = TrainConfig(**meta["train_config"])
-    cfg.data = data or cfg.data
-    cfg.batch_size = batch_size or cfg.batch_size
-    cfg.workers = workers
-    ds = load_classification(cfg.data, cfg.split, cfg.split_seed)
-    if ds.num_classes != meta["num_classes"]:
-        raise ValueError(f"data '{cfg.data}' has {ds.num_classes} classes, the adapter was trained on {meta['num_classes']}")
-    seed_everything(cfg.seed)  # a random-init backbone (--no-pretrained) is rebuilt exactly as in training
-    model = mslora.load_adapter(build_backbone(cfg, ds.num_classes), path)
-    test = evaluate(model, _loaders(cfg, model, ds)["test"], ds.num_classes, "test")
-    return {"method": cfg.method, "backbone": cfg.backbone, "dataset": ds.name, "test_top1": test["top1"],
-            "test_top5": test["top5"], "test_loss": test["loss"], "test_images": len(ds.test)}
+    if "train_config" not in meta:
+        raise ValueError(f"'{path}' holds no training config (saved by mslora.save_adapter, not by a training run); "
+                         "load it with mslora.load_adapter instead")
+    values = {**meta["train_config"], "device": device, "workers": workers}
+    values["batch_size"] = batch_size or values.get("batch_size", 32)
+    cfg = TrainConfig.from_dict(values, f"adapter file '{path}'")
+    task = get_task(cfg.task)(cfg, data=data)
+    got = task.metadata()
+    if "num_classes" in meta and got.get("num_classes") != meta["num_classes"]:
+        raise ValueError(f"data '{data or cfg.data}' has {got.get('num_classes')} classes, the adapter was trained "
+                         f"on {meta['num_classes']}")
+    acc, _ = _accelerator(cfg)
+    set_seed(cfg.seed)  # a random-init backbone (--no-pretrained) is rebuilt exactly as in training
+    model = task.build_model(adapter=path)
+    task.set_transforms(model)
+    nw = cfg.workers if cfg.workers is not None else default_workers(acc.device.type)
+    loader, _ = _loader(task, "test", cfg, nw, acc.device.type == "cuda")
+    model, loader = acc.prepare(model, loader)
+    test = task.evaluate(model, loader, acc.gather_for_metrics, "test")
+    return {"method": cfg.method, "backbone": cfg.backbone, "dataset": got.get("dataset"),
+            **{f"test_{k}": v for k, v in test.items()}}

@@ -37,6 +37,10 @@ class AdapterConfig:
     target_modules: str | None = None  # regex over module names overriding the automatic placement
     layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
 
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be a positive integer")
+
 
 class Bottleneck(nn.Module):
     """x + Up(act(Down(x))) with 1x1 projections on the (B, C, H, W) view of any layout; Up starts at zero."""
@@ -66,6 +70,12 @@ class AdaptFormerConfig:
 
     rank: int = 64  # bottleneck width (AdaptFormer's default)
     scale: float = 0.1  # s, the fixed scale of the parallel branch
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be a positive integer")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale={self.scale} must be a finite number")
 
 
 class ParallelMLPAdapter(nn.Module):
@@ -105,6 +115,10 @@ class ConvAdapterConfig:
 
     gamma: int = 4  # channel compression factor of the hidden width (CoLoRA supp. F uses 4)
     target_modules: str | None = None  # regex over module names; default: spatial convs (kernel > 1) in blocks
+
+    def __post_init__(self) -> None:
+        if self.gamma < 1:
+            raise ValueError(f"gamma={self.gamma} must be a positive integer (hidden width = in_channels // gamma)")
 
 
 class ConvAdapter(nn.Module):
@@ -152,6 +166,11 @@ class LoRandConfig:
     kernel: int = 8  # beta: size of the shared kernel matrices K
     target_modules: str | None = None  # regex over module names overriding the automatic placement
     layout: str = "auto"  # layout of target_modules outputs
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "branches", "kernel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
 
 
 class LowRankSynthesis(nn.Module):

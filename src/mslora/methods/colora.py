@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mslora.core.inject import blocks, family
+from mslora.core.inject import blocks, family, keep_handle
 from mslora.registry import register
 
 
@@ -42,9 +42,14 @@ class CoLoRAConfig:
     sigma: float = 1.0  # spatial kernel standard deviation (supp. Sec. C)
 
     def __post_init__(self) -> None:
-        if self.gamma < 1 or not 0.0 <= self.shared_ratio <= 1.0 or self.window < 1 or self.window % 2 == 0:
-            raise ValueError(f"gamma={self.gamma} must be >= 1, shared_ratio={self.shared_ratio} in [0, 1], "
-                             f"window={self.window} odd")
+        checks = [(self.gamma >= 1, "gamma", self.gamma, "an integer >= 1"),
+                  (0.0 <= self.shared_ratio <= 1.0, "shared_ratio", self.shared_ratio, "in [0, 1]"),
+                  (self.window >= 1 and self.window % 2 == 1, "window", self.window, "a positive odd integer"),
+                  (self.sigma > 0, "sigma", self.sigma, "positive"),
+                  (math.isfinite(self.scale), "scale", self.scale, "a finite number")]
+        for ok, name, value, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}={value} must be {expected}")
 
 
 def bilateral_filter(z: torch.Tensor, window: int = 11, sigma: float = 1.0, eps: float = 1e-5) -> torch.Tensor:
@@ -173,8 +178,8 @@ def merge_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
         for layer, new in updates:
             layer.weight.copy_(new)
     for name, pair in pairs:
-        for layer, hook_id in zip(pair.layers, pair.hook_ids):
-            layer._forward_hooks.pop(hook_id, None)
+        for handle in pair.handles:
+            handle.remove()
         parent, _, child = name.rpartition(".")
         delattr(model.get_submodule(parent), child)
 
@@ -186,5 +191,5 @@ def apply_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
         l1, l2 = model.get_submodule(first), model.get_submodule(second)
         pair = CoLoRAPair(l1, l2, cfg, block)
         model.get_submodule(block).add_module("colora", pair)
-        pair.hook_ids = (l1.register_forward_hook(_channel_last_hook(pair.delta1)).id,
-                         l2.register_forward_hook(_channel_last_hook(pair.delta2)).id)
+        pair.handles = (keep_handle(l1.register_forward_hook(_channel_last_hook(pair.delta1))),
+                        keep_handle(l2.register_forward_hook(_channel_last_hook(pair.delta2))))

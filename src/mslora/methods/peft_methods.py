@@ -33,6 +33,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"rank={self.rank} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
 
 def _targets(model: nn.Module, cfg: "LoRAConfig | HiRAConfig", linear_only: bool = False) -> list[str]:
@@ -108,6 +110,8 @@ class HiRAConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"rank={self.rank} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
 
 @register("hira", HiRAConfig, merge=merge_peft)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mslora.core.inject import blocks, family
+from mslora.core.inject import blocks, family, keep_handle
 from mslora.registry import register
 
 
@@ -28,6 +28,8 @@ class VPTConfig:
     def __post_init__(self) -> None:
         if self.num_tokens < 1:
             raise ValueError(f"num_tokens={self.num_tokens} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
 
 class Prompts(nn.Module):
@@ -69,6 +71,6 @@ def apply_vpt(model: nn.Module, cfg: VPTConfig) -> None:
     model.add_module("vpt", prompts)
     for i, name in enumerate(names):
         if i == 0 or cfg.deep:
-            model.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, i=i: (prompts.insert(args[0], i if cfg.deep else 0, replace=i > 0), *args[1:]))
-    model.get_submodule(names[-1]).register_forward_hook(lambda _m, _a, out: prompts.remove(out))
+            keep_handle(model.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, i=i: (prompts.insert(args[0], i if cfg.deep else 0, replace=i > 0), *args[1:])))
+    keep_handle(model.get_submodule(names[-1]).register_forward_hook(lambda _m, _a, out: prompts.remove(out)))

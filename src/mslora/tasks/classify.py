@@ -1,0 +1,123 @@
+"""Image classification: the adapted timm model with its own classifier head, cross-entropy, top-1 / top-5.
+
+Recipe details that belong to the task (MSLoRA Sec. 4.1 and the RLRR official code):
+- the new classifier head is zero-initialised (``head_init='zero'``, as RLRR's official code does): the first
+  loss is exactly ln(num_classes) and the first steps train the head alone, instead of starting from timm's
+  uniform(+-1/sqrt(fan_in)) head whose first-epoch losses of about 9 pushed the adapters far from the backbone;
+- torchvision v2 transforms: RandomResizedCrop + horizontal flip for training, Resize(size / crop_pct) +
+  CenterCrop for evaluation, with the model's own normalisation (timm ``resolve_model_data_config``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm import tqdm
+
+import mslora
+from mslora.backbones import check_backbone_name, create_backbone
+from mslora.data import build_transforms, load_classification
+from mslora.registry import get_method
+from mslora.tasks import Task, register_task
+
+
+def build_backbone(cfg, num_classes: int) -> nn.Module:
+    """The backbone with its weights. Models with a fixed patch grid (ViT, Swin) are built for ``cfg.img_size``
+    (timm resamples position embeddings of pretrained weights); CNNs take any size as they are."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.backbone)  # None for an unknown name: create_backbone says so
+    fixed = pretrained_cfg is not None and pretrained_cfg.fixed_input_size
+    size = {"img_size": cfg.img_size} if fixed and pretrained_cfg.input_size[-1] != cfg.img_size else {}
+    return create_backbone(cfg.backbone, num_classes, cfg.pretrained, cfg.weights, drop_path_rate=cfg.drop_path_rate,
+                           **size)
+
+
+def zero_head(model: nn.Module) -> None:
+    """Zero the weights and biases of the classifier head (timm ``get_classifier()``), in place."""
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    for head in heads if isinstance(heads, (tuple, list)) else (heads,):
+        for p in head.parameters() if isinstance(head, nn.Module) else ():
+            nn.init.zeros_(p)
+
+
+@register_task("classify")
+class Classification(Task):
+    """Classification of ``cfg.data`` into its classes with ``cfg.method`` on ``cfg.backbone``.
+
+    Raises (on construction):
+        ValueError / FileNotFoundError: bad method option, backbone name or data (nothing written yet).
+    """
+
+    best_metric = "top1"
+
+    def __init__(self, cfg, data: str | None = None) -> None:
+        get_method(cfg.method).make_config(**cfg.method_options)  # fail on bad options before loading anything
+        check_backbone_name(cfg.backbone)
+        self.cfg = cfg
+        self.data = load_classification(data or cfg.data, cfg.split, cfg.split_seed)
+        self.datasets = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
+
+    def build_model(self, adapter: str | Path | None = None) -> nn.Module:
+        """The backbone with a ``num_classes`` head, adapted by the method (head zeroed with ``head_init='zero'``),
+        or, with ``adapter``, adapted and loaded from that adapter file."""
+        model = build_backbone(self.cfg, self.data.num_classes)
+        if adapter is not None:
+            return mslora.load_adapter(model, adapter)
+        if self.cfg.head_init == "zero":
+            zero_head(model)
+        return mslora.adapt(model, self.cfg.method, **self.cfg.method_options)
+
+    def set_transforms(self, model: nn.Module) -> None:
+        """Training and evaluation transforms at ``cfg.img_size`` with the model's normalisation."""
+        dc = resolve_model_data_config(model)
+        kw = dict(mean=dc["mean"], std=dc["std"], crop_pct=dc.get("crop_pct", 0.875),
+                  interpolation=dc.get("interpolation", "bicubic"))
+        self.data.with_transforms(build_transforms(self.cfg.img_size, train=True, **kw),
+                                  build_transforms(self.cfg.img_size, train=False, **kw))
+
+    def losses(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """Cross-entropy of a batch ``(x: (B, 3, H, W), y: (B,))``."""
+        x, y = batch
+        return {"ce": nn.functional.cross_entropy(model(x).float(), y)}, len(y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, gather: Callable[[Any], Any], desc: str = "eval") -> dict[str, float]:
+        """Top-1, top-5 (fractions in [0, 1], torchmetrics micro accuracy; top-5 is top-k with k = min(5, classes))
+        and mean cross-entropy over every image of the split, gathered from all processes."""
+        model.eval()
+        c = self.data.num_classes
+        top1 = MulticlassAccuracy(c, top_k=1, average="micro")
+        top5 = MulticlassAccuracy(c, top_k=min(5, c), average="micro")
+        loss_sum, n = 0.0, 0
+        for x, y in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
+            logits, y = gather((model(x).float(), y))
+            logits, y = logits.cpu(), y.cpu()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            n += len(y)
+            top1.update(logits, y)
+            top5.update(logits, y)
+        return {"top1": top1.compute().item(), "top5": top5.compute().item(), "loss": loss_sum / max(n, 1), "images": n}
+
+    def collapsed(self, history: list[dict[str, Any]]) -> str | None:
+        """Collapsed: a non-finite training loss, or after two or more epochs a last-epoch training loss still at
+        90% of chance level ln(num_classes) or more while the best validation top-1 is at most twice chance."""
+        c = self.data.num_classes
+        if not history:
+            return None
+        last = history[-1]["train_loss"]
+        if not math.isfinite(last):
+            return f"training loss is {last}"
+        best = max(h["val_top1"] for h in history)
+        if len(history) >= 2 and c > 1 and last >= 0.9 * math.log(c) and best <= 2.0 / c:
+            return (f"training loss {last:.3f} stayed at chance level ln({c}) = {math.log(c):.3f} and the best "
+                    f"validation top-1 is {best:.3f} (chance {1 / c:.3f})")
+        return None
+
+    def metadata(self) -> dict[str, Any]:
+        """Number of classes and class names."""
+        return {"num_classes": self.data.num_classes, "classes": self.data.classes, "dataset": self.data.name}
