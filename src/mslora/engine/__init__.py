@@ -92,8 +92,11 @@ def _loader(task, split: str, cfg: TrainConfig, workers: int, pin: bool) -> tupl
     ds = task.datasets[split]
     sampler = EpochSampler(len(ds), cfg.seed, shuffle=split == "train")
     drop_last = split == "train" and len(ds) > cfg.batch_size
+    # Its own generator: a DataLoader draws its workers' base seed at every iteration, and from torch's global
+    # generator that draw would shift dropout / DropPath randomness on resume.
     return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
-                      pin_memory=pin, persistent_workers=workers > 0, collate_fn=task.collate_fn), sampler
+                      pin_memory=pin, persistent_workers=workers > 0, collate_fn=task.collate_fn,
+                      generator=torch.Generator().manual_seed(cfg.seed)), sampler
 
 
 def _channels_last(batch: Any) -> Any:
@@ -227,8 +230,7 @@ def _fit(cfg: TrainConfig, task, acc, ddp, model: nn.Module, run: Path, resuming
         _loader(task, s, cfg, workers, pin) for s in ("train", "val", "test"))
     counts = mslora.count_parameters(model)
     if acc.num_processes > 1:
-        with torch.random.fork_rng(devices=[]):  # the probe's loader draws a seed: keep the generators as they were
-            probe = next(iter(train_loader))
+        probe = next(iter(train_loader))
         unused = _unused_trainable(task, model.to(acc.device), send_to_device(probe, acc.device))
         if unused:
             ddp.find_unused_parameters = True

@@ -1,0 +1,162 @@
+"""The engine on CPU: two gloo processes train what one process trains, bf16 autocast, resume after SIGKILL,
+NaN stop, and the run directory's logs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mslora.cli import main
+
+TINY = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--rank", "8", "--warmup-epochs", "1",
+        "--device", "cpu", "--workers", "0"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """3 classes x 40 images with a class-dependent colour, so the task can be learnt."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for c, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(40):
+            img = rng.integers(0, 120, (24, 24, 3), dtype=np.uint8)
+            img[..., c] += 120
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def only_run(out):
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    return run
+
+
+def adapter_tensors(run):
+    return load_file(str(run / "adapter.safetensors"))
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mslora", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+def test_two_gloo_processes_train_what_one_process_trains(folder, tmp_path):
+    args = [*TINY, "--data", str(folder), "--split", "full", "--epochs", "2", "--batch-size", "8"]
+    one = cli("train", *args, "--output", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "mslora", "train", *args, "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = adapter_tensors(only_run(tmp_path / "one")), adapter_tensors(only_run(tmp_path / "two"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+    m1 = json.loads((only_run(tmp_path / "one") / "metrics.json").read_text())
+    m2 = json.loads((only_run(tmp_path / "two") / "metrics.json").read_text())
+    assert m2["processes"] == 2 and m1["processes"] == 1
+    assert m1["test_images"] == m2["test_images"] == 18  # 15% of 120 images, each counted once over the processes
+    assert m1["test_top1"] == pytest.approx(m2["test_top1"], abs=1 / 18 + 1e-6)
+
+
+def test_bf16_autocast_trains_and_reports(folder, tmp_path):
+    out = tmp_path / "runs"
+    assert main(["train", *TINY, "--data", str(folder), "--split", "full", "--epochs", "3", "--batch-size", "8",
+                 "--precision", "bf16", "--lr", "0.01", "--output", str(out)]) == 0
+    run = only_run(out)
+    m = json.loads((run / "metrics.json").read_text())
+    hist = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert m["precision"] == "bf16" and not m["collapsed"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] and m["test_top1"] > 0.5
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(run).values())  # autocast: fp32 weights
+
+
+def test_resume_after_sigkill_ends_with_the_same_adapter_and_metrics(folder, tmp_path):
+    args = [*TINY, "--data", str(folder), "--split", "full", "--epochs", "3", "--batch-size", "4", "--deterministic",
+            "--ckpt-every", "1", "--drop-path-rate", "0.1"]
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    # every part in a subprocess with the same environment (thread count), as a user would run it
+    ref_run = cli("train", *args, "--output", str(ref_out))
+    assert ref_run.returncode == 0, ref_run.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "mslora", "train", *args, "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    killed_at = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            ckpts = list(out.glob("*/checkpoints/last.pt"))
+            if ckpts:
+                try:
+                    ck = torch.load(ckpts[0], weights_only=True)
+                except Exception:
+                    ck = None  # being replaced right now
+                if ck is not None and ck["epoch"] == 1 and ck["batch"] >= 3:  # in the middle of the second epoch
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = (ck["epoch"], ck["batch"])
+                    break
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert killed_at is not None, "the run ended before it could be killed mid-epoch"
+    run = only_run(out)
+    assert not (run / "metrics.json").exists()
+    resumed = cli("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref = only_run(ref_out)
+    a, b = adapter_tensors(ref), adapter_tensors(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = {"seconds", "seconds_train", "images_per_s", "peak_mem_mb"}
+    m_ref, m_res = (json.loads((r / "metrics.json").read_text()) for r in (ref, run))
+    assert {k: v for k, v in m_ref.items() if k not in timing} == {k: v for k, v in m_res.items() if k not in timing}
+    h_ref, h_res = ([{k: v for k, v in json.loads(ln).items() if k not in timing}
+                     for ln in (r / "metrics.jsonl").read_text().splitlines()] for r in (ref, run))
+    assert h_ref == h_res  # every epoch's losses and metrics, the interrupted epoch included
+    assert "resumed from" in (run / "train.log").read_text()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(folder, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = main(["train", *TINY, "--data", str(folder), "--epochs", "2", "--batch-size", "8", "--lr", "1e30",
+                 "--clip-grad", "0", "--warmup-epochs", "0", "--ckpt-every", "1", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    line = [ln for ln in err.splitlines() if ln.startswith("mslora: error:")][0]
+    assert "training loss is nan at step" in line or "training loss is inf at step" in line
+    step = int(line.split(" at step ")[1].split()[0])
+    run = only_run(out)
+    assert not (run / "metrics.json").exists()
+    if step > 1:  # every step before the bad one was checkpointed, with finite tensors
+        ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert ck["step"] == step - 1
+        assert all(torch.isfinite(t).all() for t in ck["trainable"].values())
+
+
+def test_resume_refuses_a_finished_run_and_other_options(folder, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", *TINY, "--data", str(folder), "--epochs", "1", "--batch-size", "8", "--output", str(out)]) == 0
+    run = only_run(out)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "has finished" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 2
+    assert "give no other option" in capsys.readouterr().err
+
+
+def test_device_and_precision_errors_are_one_line(folder, tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert main(["train", *TINY[:-4], "--data", str(folder), "--device", "cuda", "--output", str(tmp_path)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+        assert main(["train", *TINY, "--data", str(folder), "--precision", "fp16", "--output", str(tmp_path)]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+    assert main(["train", *TINY, "--data", str(folder), "--batch-size", "0", "--output", str(tmp_path)]) == 2
+    assert "batch_size=0 must be a positive integer" in capsys.readouterr().err
+    assert not any(tmp_path.glob("*/config.yaml"))  # nothing written
