@@ -11,19 +11,21 @@ from PIL import Image
 
 torch.set_num_threads(2)
 
-# name -> factory of a small random-init model with 4 classes: one per layout and family rule
-MODELS = {
+# name -> (timm model name, create_model kwargs) of a small random-init model with 4 classes: one per layout and
+# family rule
+SPECS = {
     # zero_init_last=False: a random-init timm ResNet zeroes each block's last BN, which would cut the
     # bottleneck (where MSLoRA sits) off from the loss; pretrained weights do not have that.
-    "resnet": lambda: timm.create_model("test_resnet", num_classes=4, zero_init_last=False),  # NCHW
+    "resnet": ("test_resnet", dict(zero_init_last=False)),  # NCHW
     # tokens with 1 class + 2 register tokens; average pooling of patch tokens so that the last block's
     # adapter reaches the logits (with class-token pooling it cannot: see test_class_token_pooling_...)
-    "vit": lambda: timm.create_model("test_vit", num_classes=4, reg_tokens=2, global_pool="avg"),
-    "convnext": lambda: timm.create_model("test_convnext", num_classes=4),  # NCHW, pre-norm style
-    "efficientnet": lambda: timm.create_model("test_efficientnet", num_classes=4),  # NCHW, BatchNormAct
-    "swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=4, embed_dim=16, depths=(1, 1),
-                                      num_heads=(1, 2), img_size=64, window_size=4),  # NHWC
+    "vit": ("test_vit", dict(reg_tokens=2, global_pool="avg")),
+    "convnext": ("test_convnext", {}),  # NCHW, pre-norm style
+    "efficientnet": ("test_efficientnet", {}),  # NCHW, BatchNormAct
+    "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=64,
+                                                   window_size=4)),  # NHWC
 }
+MODELS = {k: (lambda name=name, kw=kw: timm.create_model(name, num_classes=4, **kw)) for k, (name, kw) in SPECS.items()}
 
 
 def make_model(name: str, seed: int = 0) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mslora
-from conftest import make_model, sample_input
+from conftest import SPECS, make_model, sample_input
 
 ALL = ("resnet", "vit", "convnext", "efficientnet", "swin")
 CASES = (
@@ -86,6 +86,48 @@ def test_method(backbone, method, opts, tmp_path):
         torch.testing.assert_close(model(x), trained, rtol=1e-5, atol=1e-5)
     assert sum(p.numel() for p in model.parameters()) == n_plain  # exactly the backbone's parameters
     assert mslora.count_parameters(model)["adapter_params"] == 0
+    assert_plain_backbone(model, make_model(backbone))
+    # a plain timm checkpoint: timm alone loads it and gives the merged outputs
+    import timm
+
+    file = mslora.save_backbone(model, tmp_path / "merged.safetensors")
+    timm_name, kwargs = SPECS[backbone]
+    loaded = timm.create_model(timm_name, pretrained=True, num_classes=4, pretrained_cfg_overlay=dict(file=str(file), num_classes=4),
+                               **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained, rtol=1e-5, atol=1e-5)
+
+
+def assert_plain_backbone(model, reference):
+    """No record, no hooks, no wrapper classes: the same module tree and state-dict names as a fresh model."""
+    assert set(vars(model)) == set(vars(reference))  # no record, no PEFT peft_config
+    assert [(n, type(m)) for n, m in model.named_modules()] == [(n, type(m)) for n, m in reference.named_modules()]
+    assert list(model.state_dict()) == list(reference.state_dict())
+    for n, m in model.named_modules():
+        assert not (m._forward_hooks or m._forward_pre_hooks), f"hook left on {n}"
+    assert all(p.requires_grad for p in model.parameters())  # as timm makes it
+
+
+@pytest.mark.parametrize("backbone,method,opts", [c for c in CASES if c[1] != "full"],
+                         ids=[i for i, c in zip(IDS, CASES) if c[1] != "full"])
+def test_unadapt_gives_the_original_backbone_back(backbone, method, opts):
+    model = make_model(backbone).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    mslora.adapt(model, method, **opts)
+    train_steps(model)
+    head = model.mslora_adaptation.head
+    assert mslora.unadapt(model) is model
+    assert_plain_backbone(model, make_model(backbone))
+    for k, v in model.state_dict().items():
+        if not any(k.startswith(h + ".") for h in head):  # the head keeps what it learnt (it is the task's)
+            assert torch.equal(v, original[k]), k
+    mslora.adapt(model, method, **opts)  # and it can be adapted again
+
+
+def test_unadapt_refuses_full_fine_tuning():
+    model = mslora.adapt(make_model("resnet"), "full")
+    with pytest.raises(ValueError, match="trains the backbone itself"):
+        mslora.unadapt(model)
 
 
 def test_conv_adapter_follows_tf_same_padding():

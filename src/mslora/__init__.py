@@ -55,11 +55,12 @@ def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
     head = tuple(head_module(model))
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     modules_before = {id(m) for m in model.modules()}
+    attributes_before = set(vars(model))
     before = {id(t): t for t in (*model.parameters(), *model.buffers())}  # held, so no id is reused
     with collect_handles() as handles:
         if spec.freeze_backbone:
             freeze_backbone(model, list(head))
-        spec.apply(model, cfg)
+        replaced = spec.apply(model, cfg) or {}  # originals of backbone tensors the method rewrote (PiSSA)
     tensors = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     added = frozenset(n for n, t in tensors if id(t) not in before)
     if spec.freeze_backbone:  # some injectors (PEFT) freeze everything but their own parameters
@@ -69,10 +70,13 @@ def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
     # Backbone tensors trained in place (bias-tune, norm-tune): keep a copy so unadapt can give them back.
     originals = {n: p.detach().clone() for n, p in model.named_parameters()
                  if spec.freeze_backbone and p.requires_grad and n not in added and not under(n, head)}
+    originals.update(replaced)
     new_roots = tuple(n for n, m in model.named_modules() if id(m) not in modules_before
                       and id(model.get_submodule(n.rpartition(".")[0])) in modules_before
                       and not _undone_by_own_api(model, n))
-    model.mslora_adaptation = Adaptation(method, cfg, added, head, new_roots, tuple(handles), requires_grad, originals)
+    attributes = tuple(sorted(set(vars(model)) - attributes_before))  # e.g. PEFT's model.peft_config
+    model.mslora_adaptation = Adaptation(method, cfg, added, head, new_roots, tuple(handles), requires_grad, originals,
+                                         attributes)
     return model
 
 
@@ -95,6 +99,9 @@ def _strip(model: nn.Module, rec: Adaptation) -> None:
             delattr(owner, child)
     for name, p in model.named_parameters():
         p.requires_grad_(rec.requires_grad.get(name, True))
+    for attr in rec.attributes:
+        if attr in vars(model):
+            delattr(model, attr)
     del model.mslora_adaptation
 
 

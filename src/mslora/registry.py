@@ -23,7 +23,8 @@ class Method:
     Attributes:
         name: registry key, e.g. ``"mslora"``.
         config_cls: dataclass whose fields are the method's options, with the paper's names and defaults.
-        apply: ``apply(model, config) -> None``; modifies the (already frozen) model in place.
+        apply: ``apply(model, config) -> dict | None``; modifies the (already frozen) model in place and may return
+            copies of backbone tensors it rewrote, by their names in the plain model (for ``mslora.unadapt``).
         merge: ``merge(model, config) -> None`` folding the adapter into the backbone weights, or None when
             the method cannot merge; ``merge_impossible`` then says why.
         freeze_backbone: False only for methods that train backbone weights wholesale (full fine-tuning).
@@ -31,7 +32,7 @@ class Method:
 
     name: str
     config_cls: type
-    apply: Callable[[nn.Module, Any], None]
+    apply: Callable[[nn.Module, Any], dict | None]
     merge: Callable[[nn.Module, Any], None] | None = None
     merge_impossible: str = ""
     freeze_backbone: bool = True

@@ -33,6 +33,7 @@ class Adaptation:
         requires_grad: each backbone parameter's ``requires_grad`` before adaptation.
         originals: copies of the backbone tensors the method trains in place (bias-tune, norm-tune), so that
             :func:`mslora.unadapt` can give the backbone back as it was.
+        attributes: plain attributes the method set on the model (PEFT's ``peft_config``), removed with it.
     """
 
     method: str
@@ -43,6 +44,7 @@ class Adaptation:
     handles: tuple = ()
     requires_grad: dict[str, bool] = dataclasses.field(default_factory=dict)
     originals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    attributes: tuple[str, ...] = ()
 
 
 def adaptation(model: nn.Module) -> Adaptation | None:

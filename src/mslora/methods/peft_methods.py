@@ -82,21 +82,25 @@ def apply_dora(model: nn.Module, cfg: LoRAConfig) -> None:
 
 
 @register("pissa", LoRAConfig, merge=merge_peft)
-def apply_pissa(model: nn.Module, cfg: LoRAConfig) -> None:
+def apply_pissa(model: nn.Module, cfg: LoRAConfig) -> dict:
     """PiSSA on Linear layers (PEFT): B A holds the top-r singular components and W their residual, so the
-    model equals the backbone at initialisation up to float rounding.
+    model equals the backbone at initialisation up to float rounding. Returns copies of the original weights
+    (for :func:`mslora.unadapt`).
 
     Raises:
         ValueError: no Linear layer in the blocks (PEFT's PiSSA init takes 2D weights; use lora or hira on convs).
     """
     try:
-        _targets(model, cfg, linear_only=True)
+        targets = _targets(model, cfg, linear_only=True)
     except ValueError:
         raise ValueError(f"pissa adapts Linear layers (PEFT's PiSSA init needs 2D weights) and "
                          f"{type(model).__name__} has none in its blocks; use lora or hira for convolutions") from None
     # On the meta device (parameter counting) there are no weights to decompose; the count is the same.
     meta = next(model.parameters()).device.type == "meta"
+    # PiSSA replaces W by its residual: keep W so that mslora.unadapt can give the backbone back.
+    originals = {} if meta else {f"{n}.weight": model.get_submodule(n).weight.detach().clone() for n in targets}
     _lora(model, cfg, linear_only=True, init_lora_weights=True if meta else "pissa")
+    return originals
 
 
 @dataclass

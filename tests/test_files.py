@@ -1,0 +1,146 @@
+"""Option validation, adapter files and checkpoints that are damaged, altered, of another version or unsafe, and
+`mslora merge` writing a checkpoint that timm alone loads."""
+import json
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import mslora
+from conftest import make_model, sample_input
+from mslora.cli import main
+from mslora.engine.checkpoint import load_checkpoint, save_checkpoint
+
+
+@pytest.mark.parametrize("method,options,match", [
+    ("adapter", {"rank": 0}, "rank=0 must be a positive integer"),
+    ("adaptformer", {"rank": -1}, "rank=-1 must be a positive integer"),
+    ("lorand", {"hidden": 0}, "hidden=0 must be a positive integer"),
+    ("lorand", {"kernel": 0}, "kernel=0 must be a positive integer"),
+    ("conv_adapter", {"gamma": 0}, "gamma=0 must be a positive integer"),
+    ("colora", {"shared_ratio": 1.5}, "shared_ratio=1.5 must be in [0, 1]"),
+    ("colora", {"sigma": 0.0}, "sigma=0.0 must be positive"),
+    ("lora", {"dropout": 1.0}, "dropout=1.0 must be in [0, 1)"),
+    ("mslora", {"rank": "8"}, "option rank='8' of method 'mslora' must be of type int"),
+    ("mslora", {"kernel_sizes": (3, 4)}, "kernel_sizes=[3, 4] must be a non-empty list of odd sizes"),
+    ("mslora", {"enhance": 1}, "option enhance=1 of method 'mslora' must be of type bool"),
+    ("vpt", {"num_tokens": 0}, "num_tokens=0 must be a positive integer"),
+])
+def test_invalid_options_name_the_option(method, options, match):
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        mslora.adapt(make_model("resnet"), method, **options)
+
+
+@pytest.fixture
+def adapter_file(tmp_path):
+    model = mslora.adapt(make_model("resnet"), "mslora", rank=8)
+    return mslora.save_adapter(model, tmp_path / "a.safetensors", {"note": "x"})
+
+
+def rewrite(path, out, tensors=None, **meta):
+    with safe_open(str(path), framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        m = dict(f.metadata())
+    m.update(meta)
+    save_file(tensors if tensors is not None else t, str(out), metadata={k: v for k, v in m.items() if v is not None})
+    return out
+
+
+def test_reserved_metadata_cannot_be_overwritten(tmp_path):
+    model = mslora.adapt(make_model("resnet"), "mslora", rank=8)
+    for key in ("format", "method", "config"):
+        with pytest.raises(ValueError, match=f"{key} are reserved"):
+            mslora.save_adapter(model, tmp_path / "a.safetensors", {key: "lora"})
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_damaged_altered_or_foreign_adapter_files_give_one_clear_error(adapter_file, tmp_path):
+    data = adapter_file.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        mslora.load_adapter(make_model("resnet"), tmp_path / "cut.safetensors")
+    with safe_open(str(adapter_file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    k = sorted(tensors)[0]
+    tensors[k] = tensors[k] + 1  # altered values, metadata kept
+    rewrite(adapter_file, tmp_path / "altered.safetensors", tensors)
+    with pytest.raises(ValueError, match="was altered"):
+        mslora.load_adapter(make_model("resnet"), tmp_path / "altered.safetensors")
+    rewrite(adapter_file, tmp_path / "old.safetensors", format="mslora.adapter/1")
+    with pytest.raises(ValueError, match="written by another version of mslora"):
+        mslora.load_adapter(make_model("resnet"), tmp_path / "old.safetensors")
+    with safe_open(str(adapter_file), framework="pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    extra = rewrite(adapter_file, tmp_path / "extra.safetensors", config=json.dumps({**cfg, "ranks": 3}))
+    with pytest.raises(ValueError, match="unknown option.s. ranks for method 'mslora'"):
+        mslora.load_adapter(make_model("resnet"), extra)
+    del cfg["groups"]
+    missing = rewrite(adapter_file, tmp_path / "missing.safetensors", config=json.dumps(cfg))
+    with pytest.raises(ValueError, match="lacks option.s. groups of method 'mslora'"):
+        mslora.load_adapter(make_model("resnet"), missing)
+    nometh = rewrite(adapter_file, tmp_path / "nometh.safetensors", method=None)
+    with pytest.raises(ValueError, match="lacks its method metadata"):
+        mslora.load_adapter(make_model("resnet"), nometh)
+
+
+def test_checkpoints_are_read_safely(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"trainable": {"w": torch.ones(3)}, "step": 4})
+    assert load_checkpoint(path)["step"] == 4
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "mslora.checkpoint/1", "x": Payload()}, f)
+    with pytest.raises(ValueError, match="needs code execution to load .refused."):
+        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not an mslora checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_saving_a_merged_model_as_an_adapter_says_what_to_do(tmp_path):
+    model = mslora.merge(mslora.adapt(make_model("resnet"), "lora"))
+    with pytest.raises(ValueError, match="save it with mslora.save_backbone"):
+        mslora.save_adapter(model, tmp_path / "a.safetensors")
+
+
+def test_merge_cli_writes_a_plain_timm_checkpoint(image_folder, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", "--backbone", "test_resnet", "--no-pretrained", "--method", "lora", "--rank", "2",
+                 "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--data", str(image_folder), "--lr", "0.05",
+                 "--output", str(out), "--device", "cpu"]) == 0
+    (run,) = out.iterdir()
+    target = tmp_path / "merged.safetensors"
+    assert main(["merge", "--adapter", str(run), "--output", str(target)]) == 0
+    assert main(["merge", "--adapter", str(run), "--output", str(target)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
+    plain = timm.create_model("test_resnet", pretrained=True, num_classes=3,
+                              pretrained_cfg_overlay=dict(file=str(target), num_classes=3)).eval()
+    torch.manual_seed(0)
+    adapted = mslora.load_adapter(timm.create_model("test_resnet", num_classes=3), run / "adapter.safetensors").eval()
+    x = sample_input(plain, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), adapted(x), rtol=1e-5, atol=1e-5)
+    assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "m.pt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+
+
+def test_merge_cli_refuses_a_method_that_cannot_merge(image_folder, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", "--backbone", "test_resnet", "--no-pretrained", "--rank", "8", "--epochs", "1",
+                 "--batch-size", "4", "--img-size", "32", "--data", str(image_folder), "--output", str(out)]) == 0
+    (run,) = out.iterdir()
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "m.safetensors")]) == 2
+    assert "'mslora' cannot be merged" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
