@@ -160,3 +160,16 @@ def test_device_and_precision_errors_are_one_line(folder, tmp_path, capsys):
     assert main(["train", *TINY, "--data", str(folder), "--batch-size", "0", "--output", str(tmp_path)]) == 2
     assert "batch_size=0 must be a positive integer" in capsys.readouterr().err
     assert not any(tmp_path.glob("*/config.yaml"))  # nothing written
+
+
+def test_collapse_is_detected_from_the_history(folder):
+    from mslora.engine import TrainConfig
+    from mslora.tasks import get_task
+
+    task = get_task("classify")(TrainConfig(data=str(folder), backbone="test_resnet"))  # 3 classes: ln 3 = 1.0986
+    stuck = [{"train_loss": 1.5, "val_top1": 0.33}, {"train_loss": 1.0986, "val_top1": 0.35}]
+    assert "stayed at chance level" in task.collapsed(stuck)
+    assert task.collapsed([{"train_loss": 1.5, "val_top1": 0.33}, {"train_loss": 0.4, "val_top1": 0.9}]) is None
+    assert task.collapsed([{"train_loss": 1.0986, "val_top1": 0.9}] * 2) is None  # validation learnt: not collapsed
+    assert "nan" in task.collapsed([{"train_loss": float("nan"), "val_top1": 0.3}])
+    assert task.collapsed(stuck[:1]) is None  # one epoch is too early to say

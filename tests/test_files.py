@@ -69,7 +69,7 @@ def test_damaged_altered_or_foreign_adapter_files_give_one_clear_error(adapter_f
     rewrite(adapter_file, tmp_path / "altered.safetensors", tensors)
     with pytest.raises(ValueError, match="was altered"):
         mslora.load_adapter(make_model("resnet"), tmp_path / "altered.safetensors")
-    rewrite(adapter_file, tmp_path / "old.safetensors", format="mslora.adapter/1")
+    rewrite(adapter_file, tmp_path / "old.safetensors", format="mslora.adapter/0")
     with pytest.raises(ValueError, match="written by another version of mslora"):
         mslora.load_adapter(make_model("resnet"), tmp_path / "old.safetensors")
     with safe_open(str(adapter_file), framework="pt") as f:

@@ -144,7 +144,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise ValueError(f"'{path}' is not a safetensors file: {e}") from None
     fmt = raw.get("format")
-    if fmt != FORMAT:
+    if fmt not in (FORMAT, "mslora.adapter/1"):  # version 1 files (no checksum) are still read
         other = " (written by another version of mslora)" if str(fmt).startswith("mslora.adapter/") else ""
         raise ValueError(f"'{path}' is not an mslora adapter file of this version: format={fmt!r}{other}, "
                          f"expected {FORMAT}")
@@ -156,7 +156,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise ValueError(f"adapter file '{path}' has damaged metadata: {e}") from None
     if not isinstance(meta["config"], dict):
         raise ValueError(f"adapter file '{path}' has a config that is not a mapping")
-    if meta.get("sha256") != _digest(tensors):
+    if fmt == FORMAT and meta.get("sha256") != _digest(tensors):
         raise ValueError(f"adapter file '{path}' was altered: its tensors do not match the checksum written with them")
     return tensors, meta
 
