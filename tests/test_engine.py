@@ -3,6 +3,7 @@ NaN stop, and the run directory's logs."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,8 +53,12 @@ def test_two_gloo_processes_train_what_one_process_trains(folder, tmp_path):
     args = [*TINY, "--data", str(folder), "--split", "full", "--epochs", "2", "--batch-size", "8"]
     one = cli("train", *args, "--output", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29533", "-m", "mslora", "train", *args, "--output", str(tmp_path / "two")],
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", port, "-m", "mslora", "train", *args, "--output",
+                          str(tmp_path / "two")],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = adapter_tensors(only_run(tmp_path / "one")), adapter_tensors(only_run(tmp_path / "two"))
@@ -173,3 +178,35 @@ def test_collapse_is_detected_from_the_history(folder):
     assert task.collapsed([{"train_loss": 1.0986, "val_top1": 0.9}] * 2) is None  # validation learnt: not collapsed
     assert "nan" in task.collapsed([{"train_loss": float("nan"), "val_top1": 0.3}])
     assert task.collapsed(stuck[:1]) is None  # one epoch is too early to say
+
+
+def test_the_engine_trains_a_task_it_does_not_know(folder, tmp_path):
+    """A task registered from outside, with two loss terms and its own best-epoch metric, trains through the same
+    loop (the engine reads only what the task interface gives)."""
+    from mslora.engine import TrainConfig, train
+    from mslora.tasks import register_task
+    from mslora.tasks.classify import Classification
+
+    @register_task("toy-regularised")
+    class Toy(Classification):
+        best_metric = "neg_loss"
+
+        def losses(self, model, batch):
+            x, y = batch
+            logits = model(x)
+            ce = torch.nn.functional.cross_entropy(logits, y)
+            return {"ce": ce, "logit_l2": 1e-3 * logits.pow(2).mean()}, len(y)
+
+        def evaluate(self, model, loader, gather, desc="eval"):
+            m = super().evaluate(model, loader, gather, desc)
+            return {**m, "neg_loss": -m["loss"]}
+
+        def collapsed(self, history):
+            return None
+
+    m, run = train(TrainConfig(task="toy-regularised", backbone="test_resnet", pretrained=False, data=str(folder),
+                               epochs=2, batch_size=8, img_size=32, device="cpu", workers=0, output=str(tmp_path),
+                               method_options={"rank": 8}))
+    hist = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert m["task"] == "toy-regularised" and m["val_neg_loss"] == max(h["val_neg_loss"] for h in hist)
+    assert m["best_epoch"] == 1 + max(range(2), key=lambda i: hist[i]["val_neg_loss"])

@@ -144,3 +144,15 @@ def test_merge_cli_refuses_a_method_that_cannot_merge(image_folder, tmp_path, ca
     assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "m.safetensors")]) == 2
     assert "'mslora' cannot be merged" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_weights_files_that_need_code_execution_are_refused(tmp_path):
+    from mslora.backbones import create_backbone
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"x": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="needs code execution to load .refused."):
+        create_backbone("test_resnet", 3, weights=str(tmp_path / "evil.pth"))

@@ -58,9 +58,12 @@ def _load_file(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file '{path}' does not exist")
     try:
-        state = timm.models.load_state_dict(str(path))
+        state = timm.models.load_state_dict(str(path), weights_only=True)  # never runs code from the file
     except Exception as e:
-        raise ValueError(f"cannot read weights file '{path}': {type(e).__name__}: {e}") from None
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise ValueError(f"cannot read weights file '{path}': it needs code execution to load (refused)") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot read weights file '{path}': {type(e).__name__}: {first}") from None
     own = model.state_dict()
     head = {f"{n}.{t}" for n in _classifier_names(model) for t in ("weight", "bias")}
     bad = [k for k in state if k in own and state[k].shape != own[k].shape and k not in head]

@@ -40,7 +40,7 @@ class TrainConfig:
     split_seed: int = 0  # seed of the train/val draw, fixed across training seeds like VTAB-1k's split
     epochs: int = 20  # training epochs
     batch_size: int = 32  # images per optimiser step over all processes (each of N processes gets 1/N)
-    lr: float = 1e-2  # peak learning rate of the trainable parameters
+    lr: float = 5e-3  # peak learning rate of the trainable parameters (main job: chosen on validation)
     weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
     warmup_epochs: int = 2  # linear warmup from lr/100, then cosine decay to 0 (per step)
     clip_grad: float = 1.0  # clip the global gradient norm to this value (0: no clipping)
