@@ -12,7 +12,7 @@ Each method runs at one learning rate (LR below), chosen on Fashion-MNIST valida
 that the recipe does not collapse on a data set it was not tuned on. Every run's ``collapsed`` flag is kept;
 a collapsed run is reported as collapsed and counted, never averaged in silently.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/classification.py run DATASET [METHOD ...]   # resumable
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/classification.py run DATASET [METHOD ...] [--part NAME]
     .venv/bin/python benchmarks/classification.py report                              # markdown + plot
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/classification.py vit                # ViT-S/16 loss check
 """
@@ -32,7 +32,7 @@ from PIL import Image
 import mslora
 from mslora.engine import TrainConfig, train
 
-RESULTS = Path(__file__).parent / "results" / "classification_{}.json"  # one file per data set
+RESULTS = Path(__file__).parent / "results" / "classification_{}.json"  # one file per data set (and process part)
 PLOT = Path(__file__).parent / "results" / "classification.png"
 BUDGET = dict(epochs=10, img_size=64, batch_size=32, warmup_epochs=1, device="cpu")
 SEEDS = (0, 1, 2)
@@ -77,9 +77,14 @@ def make_digits(root: Path | None = None) -> Path:
     return root
 
 
+def _path(dataset: str, part: str = "") -> Path:
+    return Path(str(RESULTS).format(dataset + (f".{part}" if part else "")))
+
+
 def _load(dataset: str) -> list[dict]:
-    path = Path(str(RESULTS).format(dataset))
-    return json.loads(path.read_text()) if path.exists() else []
+    """Every row of a data set: its file and the files of parts run by other processes."""
+    files = [_path(dataset), *sorted(RESULTS.parent.glob(f"classification_{dataset}.*.json"))]
+    return [r for f in files if f.exists() for r in json.loads(f.read_text())]
 
 
 def _run(dataset: str, method: str, seed: int, tmp: str) -> dict:
@@ -93,17 +98,18 @@ def _run(dataset: str, method: str, seed: int, tmp: str) -> dict:
             "train_loss": [round(h["train_loss"], 4) for h in hist]}
 
 
-def run(dataset: str, methods: list[str]) -> None:
-    """Run the missing (method, seed) pairs of one data set; the two data sets can run as two processes."""
-    rows = _load(dataset)
-    have = {(r["method"], r["seed"]) for r in rows}
+def run(dataset: str, methods: list[str], part: str = "") -> None:
+    """Run the missing (method, seed) pairs of one data set; the two data sets can run as two processes, and
+    one data set as several with disjoint method lists and a ``part`` name each (its own results file)."""
+    have = {(r["method"], r["seed"]) for r in _load(dataset)}
+    rows = json.loads(_path(dataset, part).read_text()) if _path(dataset, part).exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             for seed in SEEDS:
                 if (method, seed) in have:
                     continue
                 rows.append(_run(dataset, method, seed, tmp))
-                Path(str(RESULTS).format(dataset)).write_text(json.dumps(rows, indent=1) + "\n")
+                _path(dataset, part).write_text(json.dumps(rows, indent=1) + "\n")
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "train_loss"}), flush=True)
 
 
@@ -217,7 +223,9 @@ if __name__ == "__main__":
     if cmd == "run":
         if not names or names[0] not in DATASETS:
             sys.exit(f"usage: classification.py run {{{','.join(DATASETS)}}} [METHOD ...]")
-        run(names[0], names[1:] or list(METHODS))
+        part = names.pop(names.index("--part") + 1) if "--part" in names else ""
+        names = [n for n in names if n != "--part"]
+        run(names[0], names[1:] or list(METHODS), part)
     elif cmd == "vit":
         vit_check(names or mslora.list_methods())
     else:

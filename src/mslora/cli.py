@@ -157,8 +157,10 @@ def cmd_merge(argv: list[str]) -> int:
     """``mslora merge``: fold a trained adapter into its backbone and write a plain timm checkpoint; returns 0.
 
     The file loads with timm alone: ``timm.create_model(NAME, pretrained=True,
-    pretrained_cfg_overlay=dict(file=FILE), num_classes=N)``.
+    pretrained_cfg_overlay=dict(file=FILE, num_classes=N), num_classes=N)``.
     """
+    from accelerate.utils import set_seed
+
     import mslora
     from mslora.core.state import read_adapter
     from mslora.engine.config import TrainConfig
@@ -179,8 +181,6 @@ def cmd_merge(argv: list[str]) -> int:
     if "train_config" not in meta:
         raise ValueError(f"'{path}' holds no training config; merge it in Python with mslora.merge")
     cfg = TrainConfig.from_dict({**meta["train_config"], "workers": 0}, f"adapter file '{path}'")
-    from accelerate.utils import set_seed
-
     set_seed(cfg.seed)  # a random-init backbone is rebuilt as in training
     task = get_task(cfg.task)(cfg)
     model = mslora.merge(task.build_model(adapter=path))

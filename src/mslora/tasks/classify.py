@@ -63,12 +63,15 @@ class Classification(Task):
         self.datasets = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
 
     def build_model(self, adapter: str | Path | None = None) -> nn.Module:
-        """The backbone with a ``num_classes`` head, adapted by the method (head zeroed with ``head_init='zero'``),
-        or, with ``adapter``, adapted and loaded from that adapter file."""
+        """The backbone with a ``num_classes`` head, adapted by the method, or, with ``adapter``, adapted and loaded
+        from that adapter file. With ``head_init='zero'`` a new head (random init, or another size than the
+        pretrained one) is zeroed; a pretrained head of the right size is kept."""
         model = build_backbone(self.cfg, self.data.num_classes)
         if adapter is not None:
             return mslora.load_adapter(model, adapter)
-        if self.cfg.head_init == "zero":
+        loaded_head = (self.cfg.pretrained or self.cfg.weights) and \
+            (getattr(model, "pretrained_cfg", None) or {}).get("num_classes") == self.data.num_classes
+        if self.cfg.head_init == "zero" and not loaded_head:  # a pretrained head of the right size is kept
             zero_head(model)
         return mslora.adapt(model, self.cfg.method, **self.cfg.method_options)
 
