@@ -134,17 +134,14 @@ def unadapt(model: nn.Module) -> nn.Module:
         ValueError: the model is not adapted, or it was fully fine-tuned (``full`` changed the backbone itself
             and keeps no copy of it).
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from mslora.methods.peft_methods import unwrap_peft
 
     rec = adaptation(model)
     if rec is None:
         raise ValueError("model is not adapted: nothing to remove")
     if not get_method(rec.method).freeze_backbone:
         raise ValueError(f"method '{rec.method}' trains the backbone itself; there is no original to return")
-    for name, m in list(model.named_modules()):
-        if isinstance(m, BaseTunerLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m.get_base_layer())
+    unwrap_peft(model, merge=False)  # requires_grad is restored below
     for m in list(model.modules()):
         if parametrize.is_parametrized(m):
             for tensor_name in list(m.parametrizations):

@@ -113,11 +113,16 @@ def get_method(name: str) -> Method:
         ValueError: unknown name; the message lists close matches (difflib) or all methods.
     """
     _load_builtin_methods()
-    if name not in _METHODS:
-        close = difflib.get_close_matches(name, _METHODS, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known methods: {', '.join(sorted(_METHODS))}"
-        raise ValueError(f"unknown method '{name}'; {hint}")
-    return _METHODS[name]
+    return lookup(_METHODS, name, "method")
+
+
+def lookup(table: dict[str, Any], name: str, kind: str) -> Any:
+    """``table[name]``, or a ValueError naming the unknown ``kind`` with close matches (difflib) or all names."""
+    if name not in table:
+        close = difflib.get_close_matches(name, table, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known {kind}s: {', '.join(sorted(table))}"
+        raise ValueError(f"unknown {kind} '{name}'; {hint}")
+    return table[name]
 
 
 def list_methods() -> list[str]:

@@ -48,18 +48,25 @@ def _inject(model: nn.Module, peft_config) -> None:
     inject_adapter_in_model(peft_config, model)
 
 
-def merge_peft(model: nn.Module, cfg=None) -> None:
-    """Merge every PEFT layer into its base layer and put the base layer back in its place."""
+def unwrap_peft(model: nn.Module, merge: bool) -> None:
+    """Put every PEFT layer's base layer back in its place (frozen), merging its update into it first when
+    ``merge`` (``merge(safe_merge=True)`` raises ValueError on non-finite weights, before changing that layer)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     for name, layer in layers:
-        layer.merge(safe_merge=True)  # raises ValueError on non-finite weights, before changing anything
+        if merge:
+            layer.merge(safe_merge=True)
         parent, _, child = name.rpartition(".")
         base = layer.get_base_layer()
         for p in base.parameters():
             p.requires_grad_(False)
         setattr(model.get_submodule(parent) if parent else model, child, base)
+
+
+def merge_peft(model: nn.Module, cfg=None) -> None:
+    """Merge every PEFT layer into its base layer and put the base layer back in its place."""
+    unwrap_peft(model, merge=True)
 
 
 def _lora(model: nn.Module, cfg: LoRAConfig, linear_only: bool = False, **extra) -> None:

@@ -5,7 +5,6 @@ A task registers itself with :func:`register_task`; ``mslora train --task NAME``
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,12 +81,9 @@ def get_task(name: str) -> type[Task]:
         ValueError: unknown task, naming the known ones.
     """
     import mslora.tasks.classify  # noqa: F401  (registers the built-in tasks)
+    from mslora.registry import lookup
 
-    if name not in _TASKS:
-        close = difflib.get_close_matches(name, _TASKS, n=2, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known tasks: {', '.join(sorted(_TASKS))}"
-        raise ValueError(f"unknown task '{name}'; {hint}")
-    return _TASKS[name]
+    return lookup(_TASKS, name, "task")
 
 
 def list_tasks() -> list[str]:
