@@ -156,8 +156,9 @@ def unadapt(model: nn.Module) -> nn.Module:
 
 def save_backbone(model: nn.Module, path: str | Path) -> Path:
     """Write a plain (unadapted or merged) model's state dict as a timm checkpoint (safetensors), which
-    ``timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=N)`` loads
-    without mslora. Returns the path.
+    ``timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N),
+    num_classes=N)`` loads without mslora (``num_classes`` in the overlay too, or timm re-initialises the
+    classifier as if the file held ImageNet's). Returns the path.
 
     Raises:
         ValueError: the model is still adapted (merge or unadapt it first).
