@@ -34,7 +34,7 @@ def make_model(name: str, seed: int = 0) -> torch.nn.Module:
 
 
 def sample_input(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    from mslora.core.inject import input_size
+    from mslora.core.placement import input_size
 
     c, h, w = input_size(model)
     h, w = min(h, 64), min(w, 64)  # CNNs take any size; keep tests fast

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import mslora
-from mslora.core.inject import find_sites
+from mslora.core.placement import find_sites
 from conftest import MODELS, make_model, sample_input
 
 
@@ -40,7 +40,7 @@ def test_only_adapter_and_head_change_and_bn_stats_stay(name):
             assert torch.equal(v, after[k]), f"backbone tensor {k} changed"
         elif v.is_floating_point():  # every adapter and head tensor trains
             assert not torch.equal(v, after[k]), f"trainable tensor {k} did not change"
-    assert rec.added and all(".mslora." in k for k in rec.added)
+    assert rec.added and all(k.startswith("adapters.") for k in rec.added)
 
 
 def test_bn_normalises_with_running_stats_in_train_mode():
@@ -103,21 +103,28 @@ def test_placement_rules(name, kind, n_sites):
 def test_pre_norm_families_get_input_layernorm():
     vit = mslora.adapt(make_model("vit"), "mslora", rank=16)
     res = mslora.adapt(make_model("resnet"), "mslora", rank=16)
-    assert type(vit.blocks[0].mslora.norm).__name__ == "LayerNorm2d"
-    assert isinstance(res.layer1[0].act1.mslora.norm, torch.nn.Identity)
+    assert type(vit.adapters["blocks_0"].norm).__name__ == "LayerNorm2d"
+    assert isinstance(res.adapters["layer1_0_act1"].norm, torch.nn.Identity)
 
 
 def test_target_modules_override():
     model = mslora.adapt(make_model("resnet"), "mslora", rank=16, target_modules=r"layer[34]\.0")
-    names = [n for n, _ in model.named_modules() if n.endswith(".mslora")]
-    assert names == ["layer3.0.mslora", "layer4.0.mslora"]
+    assert list(model.adapters) == ["layer3_0", "layer4_0"]
     with pytest.raises(ValueError, match="matches no module"):
         mslora.adapt(make_model("resnet"), "mslora", target_modules="nothing\\.here")
 
 
-def test_unknown_family_needs_target_modules():
+def test_model_without_blocks_needs_target_modules():
+    class Plain(torch.nn.Module):  # no family, no group_matcher, no feature_info
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
     with pytest.raises(ValueError, match="pass target_modules"):
-        mslora.adapt(timm.create_model("test_nfnet", num_classes=4), "mslora")
+        mslora.adapt(Plain(), "mslora")
 
 
 def test_groups_not_dividing_channels_names_the_layer():
@@ -195,5 +202,6 @@ def test_class_token_pooling_leaves_last_block_adapter_without_gradient():
     model = mslora.adapt(timm.create_model("test_vit", num_classes=4, global_pool="token"), "mslora", rank=16,
                          zero_init=False)
     torch.nn.functional.cross_entropy(model(sample_input(model)), torch.tensor([0, 1])).backward()
-    assert model.blocks[-1].mslora.up.weight.grad is None or not model.blocks[-1].mslora.up.weight.grad.any()
-    assert model.blocks[-2].mslora.up.weight.grad.abs().sum() > 0
+    last, before = model.adapters["blocks_5"].up.weight.grad, model.adapters["blocks_4"].up.weight.grad
+    assert last is None or not last.any()
+    assert before.abs().sum() > 0

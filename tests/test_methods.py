@@ -14,15 +14,18 @@ CASES = (
     + [(b, m, {}) for b in ALL for m in ("ssf", "adapter", "lorand", "bitfit", "normtune")]
     + [(b, "rlrr", {}) for b in ALL] + [("vit", "rlrr", {"init": "official"}), ("resnet", "rlrr", {"rank": 4})]
     + [(b, m, {}) for b in ("resnet", "vit", "swin") for m in ("lora", "dora", "hira")]
-    + [("vit", "pissa", {}), ("convnext", "pissa", {})]
-    + [("resnet", "colora", {"gamma": 4}), ("convnext", "colora", {"gamma": 2, "shared_ratio": 0.25}),
+    + [("vit", "pissa", {}), ("convnext", "pissa", {}), ("resnet", "pissa", {"rank": 4}),
+       ("efficientnet", "hira", {"rank": 4})]
+    + [("resnet", "colora", {"gamma": 4}), ("convnext", "colora", {"gamma": 2, "shared_ratio": 0.25, "depthwise": False}),
        ("efficientnet", "colora", {"gamma": 2})]
+    + [(b, "mona", {}) for b in ("vit", "swin", "resnet", "convnext")] + [("swin", "mona", {"init": "identity"})]
     + [(b, "adaptformer", {}) for b in ("vit", "swin", "convnext")]
     + [(b, "conv_adapter", {}) for b in ("resnet", "convnext", "efficientnet")]
     + [("vit", "vpt", {"deep": True}), ("vit", "vpt", {"deep": False})]
     + [(b, m, {}) for b in ("resnet", "vit") for m in ("linear", "fixed", "full")]
 )
 NOT_IDENTITY = {("vpt", True), ("vpt", False)}  # prompts change attention from the start (VPT's design)
+# and so do Mona with its released init (random projections) and RLRR with init="official"
 IDS = [f"{b}-{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for b, m, o in CASES]
 
 
@@ -52,7 +55,8 @@ def test_method(backbone, method, opts, tmp_path):
     rec = model.mslora_adaptation
     with torch.no_grad():
         start = model(x)
-    if (method, opts.get("deep")) in NOT_IDENTITY or opts.get("init") == "official":
+    if (method, opts.get("deep")) in NOT_IDENTITY or opts.get("init") == "official" or (
+            method == "mona" and not opts):
         assert not torch.allclose(start, plain, atol=1e-4)
     else:  # PiSSA's residual split is exact only up to float rounding
         torch.testing.assert_close(start, plain, rtol=0, atol=1e-5 if method == "pissa" else 0)
@@ -128,6 +132,35 @@ def test_unadapt_refuses_full_fine_tuning():
     model = mslora.adapt(make_model("resnet"), "full")
     with pytest.raises(ValueError, match="trains the backbone itself"):
         mslora.unadapt(model)
+
+
+def test_colora_depthwise_branch_on_convnext():
+    # The filtered branch beside ConvNeXt's 7x7 depth-wise conv (CoLoRA supp. Table 8 counts): identity at start,
+    # trains, unadapts, and refuses to merge (its 1x1 down-projection mixes channels).
+    model = make_model("convnext").eval()
+    x = sample_input(model)
+    with torch.no_grad():
+        plain, features = model(x), model.forward_features(x)
+    mslora.adapt(model, "colora", gamma=2)
+    branches = [m for m in model.modules() if type(m).__name__ == "DepthwiseBranch"]
+    assert len(branches) == len(model.adapters) == 9
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+    train_steps(model)
+    assert all(b.up.weight.abs().sum() > 0 for b in branches)
+    with pytest.raises(ValueError, match="depth-wise branch .* does not merge; adapt with depthwise=False"):
+        mslora.merge(model)
+    mslora.unadapt(model)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), features)
+
+
+def test_adapters_follow_the_model_mode():
+    # adapt() on a model in eval mode: the adapters are in eval mode too (CoLoRA's filter runs only in training)
+    model = mslora.adapt(make_model("convnext").eval(), "colora", gamma=2)
+    assert not any(m.training for m in model.adapters.modules())
+    model = mslora.adapt(make_model("vit").train(), "mona")
+    assert all(m.training for m in model.adapters.modules())
 
 
 def test_conv_adapter_follows_tf_same_padding():

@@ -63,14 +63,18 @@ def test_vpt_counts_follow_seed003_table4():
 
 def test_rlrr_and_ssf_counts_follow_seed003_table4():
     # Per Linear layer of shape (out, in) RLRR adds out + in + out (s_left, s_right, f) = 3 * D* for square
-    # layers; SSF adds 2 * out; per LayerNorm both add 2 * C (scale, shift).
+    # layers, and the fused qkv one s_right per q, k, v (the official code's separate layers); SSF adds 2 * out;
+    # per LayerNorm both add 2 * C (scale, shift). RLRR's official layout also scales and shifts the final norm
+    # and the patch embedding's output (2 * D each).
     model = small("vit")
-    lin = [m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+    lin = {n: m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)}
     lns = [m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.LayerNorm)]
-    assert added(small("vit"), "rlrr") == sum(2 * m.out_features + m.in_features for m in lin) + sum(
-        2 * m.normalized_shape[0] for m in lns)
+    d = 64
+    assert added(small("vit"), "rlrr") == sum(2 * m.out_features + m.in_features * (3 if n.endswith("qkv") else 1)
+                                              for n, m in lin.items()) + sum(2 * m.normalized_shape[0] for m in lns) + 4 * d
+    lin = lin.values()
     assert added(small("vit"), "ssf") == sum(2 * m.out_features for m in lin) + sum(2 * m.normalized_shape[0] for m in lns)
-    d = 64  # square layers: RLRR is exactly 3 * D* per layer
+    # square layers: RLRR is exactly 3 * D* per layer
     assert added(small("vit"), "rlrr", target_modules=r"blocks\.\d+\.attn\.proj", norms=False) == 6 * 3 * d
 
 
@@ -80,12 +84,13 @@ def test_colora_counts_follow_seed004_table1():
     model = small("convnext")
     gamma, ratio = 2, 0.25
     total = 0
-    for _, first, second in colora_pairs(model):
+    for _, first, second, dw in colora_pairs(model):
         d, d1 = model.get_submodule(first).in_features, model.get_submodule(first).out_features
         d2 = model.get_submodule(second).out_features
-        r = d // gamma
+        r = min(d, d1, d2) // gamma
         rl = r - round(ratio * r)
         total += r * (d + d2) + 2 * rl * d1  # supp. Table 1: r (d + d'') + 2 rl d'
+        total += d * (d // (2 * gamma)) + 9 * d  # depth-wise branch: 1x1 down to C / (2 gamma), grouped 3x3 up
     assert added(model, "colora", gamma=gamma, shared_ratio=ratio) == total
 
 

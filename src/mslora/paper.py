@@ -92,10 +92,10 @@ def _count(row: Row) -> tuple[int, int]:
         c = mslora.count_parameters(model)
         n = c["adapter_params"] or c["trainable_params"] - c["head_params"]
         return n, base
-    proj = ("mslora.proj.", "mslora.trans.down.", "mslora.up.")  # the three grouped 1x1 projections
+    proj = (".proj.", ".trans.down.", ".up.")  # the three grouped 1x1 projections
     parts = {"proj": 0, "trans": 0}
     for name, p in model.named_parameters():
-        if ".mslora." in name and ".norm." not in name:
+        if name.startswith("adapters.") and ".norm." not in name:
             parts["proj" if any(k in name for k in proj) else "trans"] += p.numel()
     return parts[row.part], base
 
@@ -104,10 +104,10 @@ def formula(row: Row) -> float | None:
     """RLRR supp. Table 4 formulas evaluated on the backbone (parameters, not millions), or None."""
     if not row.source.startswith("RLRR"):
         return None
-    from mslora.core.inject import blocks
+    from mslora.core.placement import blocks
 
     model = meta_model(row.backbone)
-    names = blocks(model)[0]
+    names = blocks(model)
     linears = [m for n, m in model.named_modules() if n.startswith(tuple(b + "." for b in names)) and isinstance(m, torch.nn.Linear)]
     dims = [model.get_submodule(b).norm1.normalized_shape[0] for b in names]  # D of each layer
     if row.method in ("rlrr", "ssf"):

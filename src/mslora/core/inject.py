@@ -1,191 +1,20 @@
-"""Find where adapters go in a timm backbone, freeze the backbone, attach feature-space adapters.
+"""Freeze a timm backbone and attach feature-space adapters (where they go: :mod:`mslora.core.placement`).
 
-Placement follows MSLoRA Sec. 3 and Fig. 2 (right): one module after every block of transformer and
-modern CNN backbones, and inside ResNet/ResNeXt bottlenecks at the bottleneck width. Backbones the
-rules do not know take an explicit ``target_modules`` regex.
-
-Feature-space adapters are attached as a child module of the target (so backbone parameter names do
-not change and backbone checkpoints still load) and run by a forward hook on the target's output.
+Feature-space adapters live outside the modules they act on, in one ``nn.ModuleDict`` at the model's root
+(``model.adapters``, keyed by the site's name with dots as underscores), and run by a forward hook on the site
+(or a forward pre-hook when the site is a module's input). So backbone parameter names do not change, backbone
+checkpoints still load, and an adapter runs exactly once per forward of its site even when the site is a
+container (``nn.Sequential``, DenseNet's dense blocks) that runs its children in order.
 """
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mslora.core.layout import Layout
-
-# (timm model class names, regex over module names, layout). A class matches when it or one of its
-# base classes has one of the names, so DeiT-distilled matches VisionTransformer.
-_BLOCK_RULES: list[tuple[tuple[str, ...], str, str]] = [
-    (("VisionTransformer", "Eva", "Beit", "VisionTransformerRelPos"), r"blocks\.\d+", "tokens"),
-    (("SwinTransformer", "SwinTransformerV2"), r"layers\.\d+\.blocks\.\d+", "nhwc"),
-    (("ConvNeXt",), r"stages\.\d+\.blocks\.\d+", "nchw"),
-    (("EfficientNet", "MobileNetV3"), r"blocks\.\d+\.\d+", "nchw"),
-    (("RegNet",), r"s\d+\.b\d+", "nchw"),
-]
-# Families whose blocks output the un-normalised residual stream (pre-norm design, Sec. 4.1): MSLoRA
-# prepends a LayerNorm at its input there.
-PRE_NORM_FAMILIES = ("VisionTransformer", "Eva", "Beit", "VisionTransformerRelPos", "SwinTransformer",
-                     "SwinTransformerV2", "ConvNeXt")
-
-
-@dataclass(frozen=True)
-class Site:
-    """One place where an adapter goes.
-
-    Attributes:
-        name: qualified module name in the model (``model.get_submodule(name)``).
-        layout: layout of that module's output.
-        channels: channel count C of that output.
-    """
-
-    name: str
-    layout: Layout
-    channels: int
-
-
-def family(model: nn.Module) -> str | None:
-    """The first known timm family name among the model's classes (for placement rules), or None."""
-    known = {n for rule in _BLOCK_RULES for n in rule[0]} | {"ResNet"}
-    for cls in type(model).__mro__:
-        if cls.__name__ in known:
-            return cls.__name__
-    return None
-
-
-def blocks(model: nn.Module) -> tuple[list[str], str]:
-    """Module names of the backbone's blocks by the family rules, and the layout of their outputs.
-
-    Raises:
-        ValueError: the backbone's family has no rule (pass ``target_modules``).
-    """
-    fam = family(model)
-    for classes, pattern, kind in (*_BLOCK_RULES, (("ResNet",), r"layer\d+\.\d+", "nchw")):
-        if fam in classes:
-            return [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)], kind
-    raise ValueError(
-        f"no automatic adapter placement for {type(model).__name__}; pass target_modules=REGEX "
-        f"(a regular expression over module names, e.g. 'stages\\.\\d+\\.blocks\\.\\d+')"
-    )
-
-
-def block_names(model: nn.Module) -> tuple[list[str], str]:
-    """Module names of the MSLoRA sites by the family rules, and their layout kind: the blocks, except in
-    ResNets, where the site is inside each bottleneck after the 3x3 conv's activation, i.e. at the bottleneck
-    width (Fig. 2 right); a BasicBlock has no bottleneck, its inner width is after act1.
-
-    Raises:
-        ValueError: the backbone's family has no placement rule (pass ``target_modules``).
-    """
-    names, kind = blocks(model)
-    if family(model) == "ResNet":
-        names = [f"{n}.act2" if hasattr(model.get_submodule(n), "conv3") else f"{n}.act1" for n in names]
-    return names, kind
-
-
-def _regex(target_modules: str) -> re.Pattern:
-    try:
-        return re.compile(target_modules)
-    except re.error as e:
-        raise ValueError(f"target_modules='{target_modules}' is not a valid regex: {e}") from None
-
-
-def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules: str | None = None,
-                      keep=lambda m: True) -> list[str]:
-    """Names of modules of ``types`` (and passing ``keep``) inside the family's blocks, or matching the
-    ``target_modules`` regex (in full) when given. Weight-space methods use this for their default targets.
-
-    Raises:
-        ValueError: no module qualifies, an invalid regex, or a family without rules and no regex.
-    """
-    if target_modules is not None:
-        rx = _regex(target_modules)
-        inside = lambda n: rx.fullmatch(n) is not None  # noqa: E731
-    else:
-        prefixes = tuple(b + "." for b in blocks(model)[0])
-        inside = lambda n: n.startswith(prefixes)  # noqa: E731
-    names = [n for n, m in model.named_modules() if isinstance(m, types) and keep(m) and inside(n)]
-    if not names:
-        raise ValueError(f"no {'/'.join(t.__name__ for t in types)} module of {type(model).__name__} matches "
-                         f"target_modules={target_modules!r}")
-    return names
-
-
-def find_sites(model: nn.Module, target_modules: str | None = None, layout: str = "auto") -> list[Site]:
-    """Adapter sites of ``model`` with the layout and channel count of each site's output.
-
-    Args:
-        model: a timm model.
-        target_modules: regex matched in full against module names; None uses the family rules.
-        layout: with ``target_modules``: ``"auto"`` (3D output -> tokens, 4D -> nchw), ``"nchw"``,
-            ``"nhwc"`` or ``"tokens"``.
-
-    Channel counts come from one forward pass of a zero image at the model's input size (on the model's
-    device, so a model on the meta device costs nothing).
-
-    Raises:
-        ValueError: the regex is invalid or matches no module, or the family has no rule.
-    """
-    if target_modules is None:
-        names, kind = block_names(model)
-    else:
-        rx = _regex(target_modules)
-        names = [n for n, _ in model.named_modules() if n and rx.fullmatch(n)]
-        kind = layout
-    if not names:
-        raise ValueError(f"target_modules='{target_modules}' matches no module of {type(model).__name__}")
-    shapes = _probe_output_shapes(model, names)
-    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    sites = []
-    for name in names:
-        shape = shapes.get(name)
-        if shape is None:
-            raise ValueError(f"module '{name}' did not run in a forward pass, so no adapter can act on it")
-        k = kind if kind != "auto" else ("tokens" if len(shape) == 3 else "nchw")
-        lay = Layout(k, prefix if k == "tokens" else 0, tuple(grid) if (k == "tokens" and grid) else None)
-        sites.append(Site(name, lay, shape[1] if k == "nchw" else shape[-1]))
-    return sites
-
-
-def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model expects by default: its patch embedding's fixed size, else its pretrained_cfg."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    c, h, w = cfg.get("input_size", (3, 224, 224))
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if fixed is not None:
-        h, w = fixed
-    return c, h, w
-
-
-def _probe_output_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(_m, _a, out) -> None:  # returns None: the output is left as it is
-            if torch.is_tensor(out):
-                shapes.setdefault(name, tuple(out.shape))
-
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    p = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size(model), device=p.device, dtype=p.dtype))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return shapes
-
+STORE = "adapters"  # the root ModuleDict holding feature-space adapters
 
 def head_module(model: nn.Module) -> list[str]:
     """Qualified names of the classifier head modules (timm ``get_classifier()``); empty if none."""
@@ -245,21 +74,98 @@ def freeze_backbone(model: nn.Module, trainable_prefixes: list[str]) -> None:
             keep_handle(m.register_forward_pre_hook(_keep_eval))
 
 
-def _run_adapter(attr: str, parallel: bool):
-    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        adapter = getattr(module, attr)
-        return output + adapter(args[0]) if parallel else adapter(output)
+class AdapterHook:
+    """Forward hook running an adapter at its site: ``adapter(output)`` (sequential), ``output + adapter(input)``
+    (parallel), or, as a forward pre-hook, ``adapter(input)`` in place of the module's first input.
 
-    return hook
-
-
-def attach(model: nn.Module, target: str, attr: str, adapter: nn.Module, parallel: bool = False) -> None:
-    """Attach ``adapter`` as child ``attr`` of module ``target`` and run it by a forward hook: on the module's
-    output (sequential, the default), or beside the module, adding ``adapter(input)`` to its output (parallel).
-
-    The adapter is moved to the device and dtype of the model's parameters.
+    A callable object, not a closure, so that ``copy.deepcopy`` of an adapted model hooks the copy's adapter.
     """
-    module = model.get_submodule(target)
+
+    def __init__(self, adapter: nn.Module, mode: str) -> None:
+        self.adapter, self.mode = adapter, mode
+
+    def __call__(self, module: nn.Module, args, output=None):
+        if self.mode == "input":
+            return (self.adapter(args[0]), *args[1:])
+        if self.mode == "parallel":
+            return output + self.adapter(args[0])
+        return self.adapter(output)
+
+
+def store_key(site: str) -> str:
+    """Key of a site's adapter in ``model.adapters``: the module name with dots as underscores."""
+    return site.replace(".", "_")
+
+
+def store(model: nn.Module, site: str, adapter: nn.Module) -> nn.Module:
+    """Put ``adapter`` in ``model.adapters`` under :func:`store_key` (``site``), on the device and dtype of the
+    model's parameters and in the model's train/eval mode; returns it.
+
+    Raises:
+        ValueError: another adapter already has that key.
+    """
+    holder = getattr(model, STORE, None)
+    if holder is None:
+        holder = nn.ModuleDict().train(model.training)
+        model.add_module(STORE, holder)
+    key = store_key(site)
+    if key in holder:
+        raise ValueError(f"two adapter sites share the key '{key}' (module '{site}')")
     p = next(model.parameters())
-    module.add_module(attr, adapter.to(device=p.device, dtype=p.dtype))
-    keep_handle(module.register_forward_hook(_run_adapter(attr, parallel)))
+    holder[key] = adapter.to(device=p.device, dtype=p.dtype).train(model.training)
+    return adapter
+
+
+def attach(model: nn.Module, site: str, adapter: nn.Module, mode: str = "output", key: str | None = None
+           ) -> nn.Module:
+    """:func:`store` ``adapter`` (under ``key``, default ``site``) and run it by a hook on module ``site``: on its
+    output (``mode='output'``), beside it, adding ``adapter(input)`` to its output (``'parallel'``), or on its
+    input (``'input'``). Returns the adapter.
+
+    Raises:
+        ValueError: two sites share a key, or ``mode`` is unknown.
+    """
+    if mode not in ("output", "parallel", "input"):
+        raise ValueError(f"mode='{mode}' is not one of output, parallel, input")
+    module = model.get_submodule(site)
+    store(model, key or site, adapter)
+    hook = AdapterHook(adapter, mode)
+    keep_handle(module.register_forward_pre_hook(hook) if mode == "input" else module.register_forward_hook(hook))
+    return adapter
+
+
+class KeepInput:
+    """Forward pre-hook keeping a module's first input as ``adapter.kept`` for :class:`AddBranch` later in the
+    same forward."""
+
+    def __init__(self, adapter: nn.Module) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args) -> None:
+        self.adapter.kept = args[0]
+
+
+class AddBranch:
+    """Forward hook returning ``output + adapter.branch(kept, output)`` and releasing the kept tensor."""
+
+    def __init__(self, adapter: nn.Module) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        kept, self.adapter.kept = self.adapter.kept, None
+        return output + self.adapter.branch(kept, output)
+
+
+def attach_branch(model: nn.Module, key: str, adapter: nn.Module, keep_at: str, add_at: str) -> nn.Module:
+    """:func:`store` ``adapter`` under ``key`` and add ``adapter.branch(x, out)`` to the output ``out`` of module
+    ``add_at``, where ``x`` is the input of module ``keep_at`` earlier in the same forward (AdaptFormer's parallel
+    branch, Mona's module between a block's two residual sub-blocks). Returns the adapter.
+
+    Raises:
+        ValueError: another adapter already has that key.
+    """
+    store(model, key, adapter)
+    adapter.kept = None
+    keep_handle(model.get_submodule(keep_at).register_forward_pre_hook(KeepInput(adapter)))
+    keep_handle(model.get_submodule(add_at).register_forward_hook(AddBranch(adapter)))
+    return adapter

@@ -5,6 +5,9 @@ Feature-space adapters (MSLoRA, Sec. 3) work on 2D maps. Backbones hand them thr
 - ``nhwc``: (B, H, W, C), timm Swin blocks;
 - ``tokens``: (B, P + H*W, C) with P prefix tokens (class, distillation, register tokens) first,
   ViT / DeiT blocks. Patch tokens are reshaped to their (H, W) grid, prefix tokens pass through unchanged.
+  Tokens that are not a raster-order grid (``spatial=False``: Hiera's unrolled order, or a count that does not
+  follow the input size) are viewed as a (B, C, N, 1) column, which point-wise layers may use and spatial ones
+  (depth-wise convolutions) must refuse.
 """
 from __future__ import annotations
 
@@ -25,18 +28,21 @@ class Layout:
         num_prefix_tokens: tokens layout only: leading tokens that are not patches.
         grid_size: tokens layout only: (H, W) of the patch grid at the model's default input size; when the
             patch count differs (another input size) a square grid is assumed.
+        spatial: False when the features are not a 2D grid (see module doc).
     """
 
     kind: str = "nchw"
     num_prefix_tokens: int = 0
     grid_size: tuple[int, int] | None = None
+    spatial: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
             raise ValueError(f"layout='{self.kind}' is not one of {', '.join(LAYOUTS)}")
 
     def to_2d(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(maps, prefix)``: maps (B, C, H, W) (a view where possible) and prefix tokens (B, P, C) or None.
+        """Return ``(maps, prefix)``: maps (B, C, H, W) (a view where possible; (B, C, N, 1) when not spatial) and
+        prefix tokens (B, P, C) or None.
 
         Raises:
             ValueError: a tokens tensor whose patch count fits neither ``grid_size`` nor a square grid.
@@ -48,7 +54,7 @@ class Layout:
         p = self.num_prefix_tokens
         prefix, patches = x[:, :p], x[:, p:]  # (B, P, C), (B, N, C)
         b, n, c = patches.shape
-        h, w = self._grid(n)
+        h, w = self._grid(n) if self.spatial else (n, 1)
         return patches.transpose(1, 2).reshape(b, c, h, w), prefix  # (B, C, H, W)
 
     def from_2d(self, maps: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:

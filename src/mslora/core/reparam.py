@@ -15,36 +15,64 @@ NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 class Rescale(nn.Module):
-    """RLRR residual rescaling (seed 003, Eq. 16 and 19-20; rank-r form of supp. F):
-    W' = W + (S_left @ S_right) ⊙ W, with W viewed as (out, in * k * k) for convolutions (supp. G).
+    """RLRR residual rescaling (RLRR, CVPR 2024, Sec. 3.2 Eq. 16 and 19-20; rank-r form, supp. F):
+    W' = W + (S_left @ S_right) ⊙ W.
 
-    rank=1 is the paper's W + s_left ⊙ W ⊙ s_right^T. ``identity=True`` zeroes S_left so W' = W at
-    initialisation; otherwise both factors are kaiming-uniform, as in the official code.
+    A Linear weight is used as it is, (out, in). A convolution kernel (O, I, k_h, k_w) is viewed as the
+    (O k_h) x (I k_w) matrix of the official code (supp. G, Fig. 3: kernels concatenated), whose row and column
+    scales reproduce supp. Table 12's counts. ``splits`` > 1 gives each of that many equal row blocks its own
+    S_right (timm's fused ``qkv`` Linear holds the official code's separate q, k and v layers, each with its own
+    right scale). rank=1 is the paper's W + s_left ⊙ W ⊙ s_right^T. Init: S_right kaiming-uniform (the official
+    code's default ``a=0``); S_left zero with ``identity=True`` (W' = W at initialisation), else kaiming-uniform.
+    Parameters: rank * (rows + splits * cols).
     """
 
-    def __init__(self, weight: torch.Tensor, rank: int = 1, identity: bool = True) -> None:
+    def __init__(self, weight: torch.Tensor, rank: int = 1, identity: bool = True, splits: int = 1) -> None:
         super().__init__()
-        out, cols = weight.shape[0], weight[0].numel()
-        self.s_left = nn.Parameter(torch.empty(out, rank, device=weight.device, dtype=weight.dtype))
-        self.s_right = nn.Parameter(torch.empty(rank, cols, device=weight.device, dtype=weight.dtype))
-        nn.init.kaiming_uniform_(self.s_right, a=math.sqrt(5))
+        rows, cols = self._matrix_shape(weight)
+        if rows % splits:
+            raise ValueError(f"splits={splits} must divide the {rows} rows of the weight")
+        self.splits = splits
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        self.s_left = nn.Parameter(torch.empty(rows, rank, **kw))
+        self.s_right = nn.Parameter(torch.empty(splits, rank, cols, **kw))
+        for block in self.s_right.data:
+            nn.init.kaiming_uniform_(block)  # (rank, cols): fan_in = cols, as the official (1, in) vector
         if identity:
             nn.init.zeros_(self.s_left)
         else:
-            nn.init.kaiming_uniform_(self.s_left, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.s_left)  # (rows, rank): fan_in = rank, as the official (out, 1) vector
+
+    @staticmethod
+    def _matrix_shape(w: torch.Tensor) -> tuple[int, int]:
+        if w.ndim == 4:
+            o, i, kh, kw = w.shape
+            return o * kh, i * kw
+        return w.shape[0], w[0].numel()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        w2 = w.reshape(w.shape[0], -1)  # (out, in * k * k)
-        return w + ((self.s_left @ self.s_right) * w2).view_as(w)
+        if w.ndim == 4:
+            o, i, kh, kw = w.shape
+            w2 = w.permute(0, 2, 1, 3).reshape(o * kh, i * kw)  # (O k_h, I k_w)
+        else:
+            w2 = w.reshape(w.shape[0], -1)
+        rows, cols = w2.shape
+        scale = (self.s_left.view(self.splits, rows // self.splits, -1) @ self.s_right).reshape(rows, cols)
+        out = w2 + scale * w2
+        if w.ndim == 4:
+            return out.view(o, kh, i, kw).permute(0, 2, 1, 3)
+        return out.view_as(w)
 
 
 class Scale(nn.Module):
     """SSF scale on a layer's outputs, folded into its weight: W' = diag(gamma) W (gamma per output channel).
-    Initialised to 1 (identity)."""
+    Initialised to 1 (identity), or drawn from N(1, std) as SSF's and RLRR's code do."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, std: float = 0.0) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(weight.shape[0], device=weight.device, dtype=weight.dtype))
+        if std:
+            nn.init.normal_(self.scale, 1.0, std)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.scale.view(-1, *([1] * (w.ndim - 1)))
@@ -53,11 +81,13 @@ class Scale(nn.Module):
 class Shift(nn.Module):
     """Shift of a layer's outputs, folded into its bias: b' = b + f (RLRR Eq. 16 and 20; SSF's beta, which
     with gamma ⊙ (Wx + b) + beta = (gamma ⊙ W)x + b + (gamma ⊙ b - b + beta) spans the same functions).
-    Initialised to 0 (identity)."""
+    Initialised to 0 (identity), or drawn from N(0, std)."""
 
-    def __init__(self, bias: torch.Tensor) -> None:
+    def __init__(self, bias: torch.Tensor, std: float = 0.0) -> None:
         super().__init__()
         self.shift = nn.Parameter(torch.zeros_like(bias))
+        if std:
+            nn.init.normal_(self.shift, 0.0, std)
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         return b + self.shift
@@ -68,15 +98,16 @@ def reparametrize(module: nn.Module, name: str, fn: nn.Module) -> None:
     parametrize.register_parametrization(module, name, fn, unsafe=False)
 
 
-def scale_shift(module: nn.Module) -> None:
-    """SSF-style scale and shift of a module's outputs (scale into the weight, shift into the bias).
+def scale_shift(module: nn.Module, std: float = 0.0) -> None:
+    """SSF-style scale and shift of a module's outputs (scale into the weight, shift into the bias); ``std`` > 0
+    draws them from N(1, std) and N(0, std) instead of the identity.
 
     A layer without a bias gets no shift: its output feeds a norm layer whose own shift covers it, and the
     merged model keeps exactly the backbone's parameters.
     """
-    reparametrize(module, "weight", Scale(module.weight))
+    reparametrize(module, "weight", Scale(module.weight, std))
     if getattr(module, "bias", None) is not None:
-        reparametrize(module, "bias", Shift(module.bias))
+        reparametrize(module, "bias", Shift(module.bias, std))
 
 
 def merge_parametrizations(model: nn.Module) -> None:

@@ -13,7 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-FORMAT = "mslora.adapter/2"  # 2: a sha256 of the tensors in the metadata
+FORMAT = "mslora.adapter/3"  # 2: a sha256 of the tensors; 3: feature-space adapters under ``adapters.<site>``
+OLD_FORMATS = ("mslora.adapter/1", "mslora.adapter/2")  # still read; names translated by legacy_names()
+# Attribute under which versions 1-2 attached each method's module to its site (``<site>.<attr>.<tensor>``).
+_LEGACY_ATTRS = {"mslora": "mslora", "adapter": "adapter", "lorand": "lorand", "adaptformer": "adaptformer",
+                 "conv_adapter": "conv_adapter", "colora": "colora", "vpt": "vpt"}
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise ValueError(f"'{path}' is not a safetensors file: {e}") from None
     fmt = raw.get("format")
-    if fmt not in (FORMAT, "mslora.adapter/1"):  # version 1 files (no checksum) are still read
+    if fmt not in (FORMAT, *OLD_FORMATS):
         other = " (written by another version of mslora)" if str(fmt).startswith("mslora.adapter/") else ""
         raise ValueError(f"'{path}' is not an mslora adapter file of this version: format={fmt!r}{other}, "
                          f"expected {FORMAT}")
@@ -156,9 +160,28 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise ValueError(f"adapter file '{path}' has damaged metadata: {e}") from None
     if not isinstance(meta["config"], dict):
         raise ValueError(f"adapter file '{path}' has a config that is not a mapping")
-    if fmt == FORMAT and meta.get("sha256") != _digest(tensors):
+    if fmt != OLD_FORMATS[0] and meta.get("sha256") != _digest(tensors):
         raise ValueError(f"adapter file '{path}' was altered: its tensors do not match the checksum written with them")
+    if fmt in OLD_FORMATS:
+        tensors = legacy_names(tensors, meta["method"])
     return tensors, meta
+
+
+def legacy_names(tensors: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+    """Tensor names of a version 1-2 file in today's layout: ``<site>.<attr>.<rest>`` (the adapter was a child of
+    its site) becomes ``adapters.<site with _ for .>.<rest>``; VPT's ``vpt.<rest>`` becomes ``adapters.vpt.<rest>``.
+    Methods whose layout changed since (RLRR's, CoLoRA's, AdaptFormer's) then fail to load with the names or
+    shapes that differ."""
+    from mslora.core.inject import STORE, store_key
+
+    attr = _LEGACY_ATTRS.get(method)
+    if attr is None:
+        return tensors
+    out = {}
+    for k, v in tensors.items():
+        site, sep, rest = k.partition(f".{attr}.") if not k.startswith(f"{attr}.") else ("vpt", ".", k[len(attr) + 1:])
+        out[f"{STORE}.{store_key(site)}.{rest}" if sep else k] = v
+    return out
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

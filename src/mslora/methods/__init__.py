@@ -1,2 +1,2 @@
 """Built-in methods; importing this package registers them (see :mod:`mslora.registry`)."""
-from mslora.methods import adapters, baselines, colora, mslora, peft_methods, rlrr, vpt  # noqa: F401
+from mslora.methods import adapters, baselines, colora, mona, mslora, peft_methods, rlrr, vpt  # noqa: F401

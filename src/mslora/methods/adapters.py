@@ -3,8 +3,9 @@ Each is zero-initialised on its output side, so the adapted model starts as its 
 
 - ``adapter`` (Houlsby et al. 2019; seed 003 supp. Table 4: 2 * D * D' * L): a bottleneck x + Up(GELU(Down(x)))
   at the MSLoRA sites (after every block; inside ResNet bottlenecks), any layout.
-- ``adaptformer`` (Chen et al. 2022; MSLoRA Table 3): a parallel bottleneck beside every block's MLP,
-  mlp(x) + s * Up(ReLU(Down(x))), s = 0.1; for backbones whose blocks have an ``mlp`` of Linear layers.
+- ``adaptformer`` (Chen et al., NeurIPS 2022, Sec. 3.2 Eq. 4-5, as its released code runs it): a parallel
+  bottleneck s * Up(ReLU(Down(x))), s = 0.1, reading the residual stream x that enters each block's MLP
+  sub-block and added to that sub-block's output outside drop-path: x + DropPath(MLP(LN(x))) + s * Up(...).
 - ``conv_adapter`` (Chen et al. 2022 'Conv-Adapter'; CoLoRA supp. Sec. F): beside every spatial convolution
   (kernel > 1) inside the blocks, a depth-wise conv with the same kernel and stride, a point-wise down-projection
   by the compression factor gamma (4), GELU and a point-wise up-projection, scaled per output channel.
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mslora.core.inject import attach, blocks, find_sites, modules_in_blocks
+from mslora.core.inject import attach, attach_branch
+from mslora.core.placement import blocks, find_sites, modules_in_blocks
 from mslora.core.layout import Layout
 from mslora.registry import register
 
@@ -61,7 +63,7 @@ class Bottleneck(nn.Module):
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
     """A :class:`Bottleneck` at every MSLoRA site."""
     for site in find_sites(model, cfg.target_modules, cfg.layout):
-        attach(model, site.name, "adapter", Bottleneck(site.channels, cfg.rank, site.layout))
+        attach(model, site.name, Bottleneck(site.channels, cfg.rank, site.layout), "input" if site.on_input else "output")
 
 
 @dataclass
@@ -79,34 +81,49 @@ class AdaptFormerConfig:
 
 
 class ParallelMLPAdapter(nn.Module):
-    """s * Up(ReLU(Down(x))) on channel-last input (..., C); Up starts at zero."""
+    """AdaptFormer's branch s * Up(ReLU(Down(x))) on channel-last input (..., C) (or (B, C, H, W) with
+    ``channels_first``); Up starts at zero."""
 
-    def __init__(self, channels: int, rank: int, scale: float) -> None:
+    def __init__(self, channels: int, rank: int, scale: float, channels_first: bool = False) -> None:
         super().__init__()
-        self.scale = scale
+        self.scale, self.channels_first = scale, channels_first
         self.down, self.up = nn.Linear(channels, rank), nn.Linear(rank, channels)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))  # AdaptFormer's 'lora' init
+        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(F.relu(self.down(x)))
+        h = x.permute(0, 2, 3, 1) if self.channels_first else x  # (..., C)
+        h = self.scale * self.up(F.relu(self.down(h)))
+        return h.permute(0, 3, 1, 2) if self.channels_first else h
+
+    def branch(self, kept: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The parallel term added to the MLP sub-block's output, from the residual stream ``kept`` entering it."""
+        return self(kept)
 
 
 @register("adaptformer", AdaptFormerConfig, merge_impossible=_NO_MERGE)
 def apply_adaptformer(model: nn.Module, cfg: AdaptFormerConfig) -> None:
-    """A :class:`ParallelMLPAdapter` beside the MLP of every block (input: the MLP's input).
+    """A :class:`ParallelMLPAdapter` beside the MLP sub-block of every block. Transformer blocks (``norm2``,
+    ``mlp``, ``drop_path2``, as timm names them): it reads ``norm2``'s input (the residual stream) and adds to
+    ``drop_path2``'s output. Blocks that are one residual MLP unit (ConvNeXt): beside the whole block.
 
     Raises:
         ValueError: the blocks have no MLP of Linear layers (CNNs other than ConvNeXt).
     """
-    modules = dict(model.named_modules())
-    mlp_names = [f"{b}.mlp" for b in blocks(model)[0]]
-    mlps = [modules.get(n) for n in mlp_names]
-    if not mlps or any(m is None or not isinstance(getattr(m, "fc1", None), nn.Linear) for m in mlps):
+    names = blocks(model)
+    mods = [model.get_submodule(b) for b in names]
+    if any(not isinstance(getattr(getattr(m, "mlp", None), "fc1", None), nn.Linear) for m in mods):
         raise ValueError(f"adaptformer needs blocks with an MLP of Linear layers (ViT, Swin, ConvNeXt); "
                          f"{type(model).__name__} has none")
-    for name, mlp in zip(mlp_names, mlps):
-        attach(model, name, "adaptformer", ParallelMLPAdapter(mlp.fc1.in_features, cfg.rank, cfg.scale), parallel=True)
+    for name, m in zip(names, mods):
+        channels = m.mlp.fc1.in_features
+        if all(isinstance(getattr(m, a, None), nn.Module) for a in ("norm2", "drop_path2")):
+            attach_branch(model, name, ParallelMLPAdapter(channels, cfg.rank, cfg.scale), f"{name}.norm2",
+                          f"{name}.drop_path2")
+        else:
+            attach(model, name, ParallelMLPAdapter(channels, cfg.rank, cfg.scale, channels_first=True), "parallel")
 
 
 @dataclass
@@ -154,7 +171,7 @@ def apply_conv_adapter(model: nn.Module, cfg: ConvAdapterConfig) -> None:
         conv = model.get_submodule(name)
         if isinstance(conv.padding, str):
             raise ValueError(f"conv_adapter: {name} uses padding='{conv.padding}', expected explicit padding")
-        attach(model, name, "conv_adapter", ConvAdapter(conv, cfg.gamma), parallel=True)
+        attach(model, name, ConvAdapter(conv, cfg.gamma), "parallel")
 
 
 @dataclass
@@ -212,4 +229,4 @@ class LoRand(nn.Module):
 def apply_lorand(model: nn.Module, cfg: LoRandConfig) -> None:
     """A :class:`LoRand` at every MSLoRA site."""
     for site in find_sites(model, cfg.target_modules, cfg.layout):
-        attach(model, site.name, "lorand", LoRand(site.channels, cfg, site.layout))
+        attach(model, site.name, LoRand(site.channels, cfg, site.layout), "input" if site.on_input else "output")

@@ -1,4 +1,5 @@
-"""CoLoRA: correlated low-rank adaptation of adjacent 1x1 layers (seed 004, supp. Sec. C-D, Eq. 7-15).
+"""CoLoRA: correlated low-rank adaptation of adjacent 1x1 layers (Correlated Low-Rank Adaptation for ConvNets,
+supplementary material, Sec. C-D, Eq. 7-15, Tables 1 and 8).
 
 For a pair of adjacent point-wise layers W1 (d -> d') and W2 (d' -> d'') (ConvNeXt ``mlp.fc1``/``mlp.fc2``,
 ResNet bottleneck ``conv1``/``conv3``; and, by the same reading, the 1x1 expand/project ``conv_pw``/``conv_pwl``
@@ -6,8 +7,15 @@ of EfficientNet and MobileNetV3 inverted residuals), in the paper's row-vector n
     Y1 = X  (W1 + s1 A1 B1 + s As Bs W2^T)                              (Eq. 14)
     Y2 = Y1 (W2 + s2 A2 B2 + s W1^T As Bs)                              (Eq. 15)
 with per-layer ranks rl (A1: d x rl, B1: rl x d', A2: d' x rl, B2: rl x d'') and the shared pair As (d x rs),
-Bs (rs x d''). r = rl + rs = d // gamma and rs = round(shared_ratio * r) (supp. Table 8). Parameters per pair:
-r (d + d'') + 2 rl d' (supp. Table 1). B1, B2 and Bs start at zero, so the model starts as its backbone.
+Bs (rs x d''). r = rl + rs = min(d, d', d'') // gamma (the bottleneck width in a ResNet bottleneck, C in a
+ConvNeXt block) and rs = round(shared_ratio * r) (supp. Table 8). Parameters per pair: r (d + d'') + 2 rl d'
+(supp. Table 1). B1, B2 and Bs start at zero, so the model starts as its backbone.
+
+ConvNeXt blocks also get a filtered low-rank branch beside the 7x7 depth-wise convolution: a 1x1 down-projection
+to r_dw = C // (2 gamma) channels and an up-projection that is a 3x3 convolution with r_dw groups (9 C
+parameters). The supplement does not describe it; it is the one layout we found that reproduces Table 8's counts
+(ConvNeXt-B: 4.6M ... 21.9M over its eight settings, within 0.2M, with the biases and norms that the supplement
+also trains, ``bias_norm=True``), so it is our reading.
 
 Filtering (Eq. 7-11): the features compressed by A (X A1, X As, Y1 A2, Y1 W1^T As) pass a parameter-free
 bilateral filter with a fixed Gaussian spatial kernel (window 11, sigma 1.0) and the range kernel
@@ -15,7 +23,8 @@ cos(g (x - y)), computed with four depth-wise convolutions (Eq. 11, eps 1e-5), w
 per sample and channel keeps g (x - y) within [-pi/2, pi/2]. The supplement gives CoLoRA the inference FLOPs
 of plain LoRA (Table 1) and merges it into the weights after training (Sec. D), so the filter can act only
 while training: here it runs in train mode and is skipped in eval mode, where the unmerged model therefore
-equals the merged one.
+equals the merged one. "Gradients need not be computed for this filtering process" (Sec. C): the filtered
+value is computed without a graph and gradients pass through it as through the identity.
 """
 from __future__ import annotations
 
@@ -26,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mslora.core.inject import blocks, family, keep_handle
+from mslora.core.inject import keep_handle, store
+from mslora.core.placement import blocks, family
+from mslora.core.reparam import NORMS
 from mslora.registry import register
 
 
@@ -38,6 +49,8 @@ class CoLoRAConfig:
     shared_ratio: float = 0.5  # rs / (rs + rl): share of the rank in the cross-layer As, Bs (supp. Table 8)
     scale: float = 1.0  # s = s1 = s2, scaling of every low-rank term
     filtering: bool = True  # bilateral filtering of the A-compressed features while training (Eq. 7-11)
+    depthwise: bool = True  # ConvNeXt: filtered branch beside the 7x7 depth-wise conv (Table 8 counts; no merge)
+    bias_norm: bool = False  # also train every bias and norm layer of the backbone (the supplement's protocol, Sec. F)
     window: int = 11  # spatial kernel window (supp. Sec. C)
     sigma: float = 1.0  # spatial kernel standard deviation (supp. Sec. C)
 
@@ -52,10 +65,18 @@ class CoLoRAConfig:
                 raise ValueError(f"{name}={value} must be {expected}")
 
 
+def filtered(z: torch.Tensor, window: int = 11, sigma: float = 1.0) -> torch.Tensor:
+    """``bilateral_filter(z)`` in value, the identity for gradients (supp. Sec. C: no gradient is computed
+    through the filter). z: (B, C, H, W) -> (B, C, H, W)."""
+    with torch.no_grad():
+        change = bilateral_filter(z, window, sigma) - z
+    return z + change
+
+
 def bilateral_filter(z: torch.Tensor, window: int = 11, sigma: float = 1.0, eps: float = 1e-5) -> torch.Tensor:
     """Eq. 11: per-channel bilateral filter with Gaussian spatial kernel and cosine range kernel.
 
-    z: (B, C, H, W) -> (B, C, H, W). No trainable parameters; gradients flow to ``z``.
+    z: (B, C, H, W) -> (B, C, H, W). No trainable parameters.
     """
     c = z.shape[1]
     ax = torch.arange(window, device=z.device, dtype=z.dtype) - window // 2
@@ -89,10 +110,11 @@ class CoLoRAPair(nn.Module):
         d1b, d2 = _weight_2d(second).shape
         if d1 != d1b:
             raise ValueError(f"colora pair {name}: first layer outputs {d1} channels, second takes {d1b}")
-        r = max(1, d // cfg.gamma)
+        r = max(1, min(d, d1, d2) // cfg.gamma)
         rs = round(cfg.shared_ratio * r)
         rl = r - rs
         self.cfg, self.layers = cfg, (first, second)  # a tuple: not registered as submodules
+        self.dw, self.dw_layer = None, ()  # ConvNeXt: the depth-wise branch and (conv,), set by apply_colora
         w = first.weight
         new = lambda *s: nn.Parameter(torch.zeros(*s, device=w.device, dtype=w.dtype))  # noqa: E731
         self.a1, self.b1, self.a2, self.b2 = new(d, rl), new(rl, d1), new(d1, rl), new(rl, d2)
@@ -104,7 +126,7 @@ class CoLoRAPair(nn.Module):
     def _path(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         z = x @ a  # (B, H, W, r): features compressed by A
         if self.cfg.filtering and self.training and z.shape[-1] > 0:
-            z = bilateral_filter(z.permute(0, 3, 1, 2), self.cfg.window, self.cfg.sigma).permute(0, 2, 3, 1)
+            z = filtered(z.permute(0, 3, 1, 2), self.cfg.window, self.cfg.sigma).permute(0, 2, 3, 1)
         return z @ b
 
     def delta1(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,57 +161,113 @@ def _channel_last_hook(delta):
     return hook
 
 
-def colora_pairs(model: nn.Module) -> list[tuple[str, str, str]]:
-    """(block, first layer, second layer) names of the adjacent 1x1 pairs CoLoRA adapts.
+class DepthwiseBranch(nn.Module):
+    """Filtered low-rank branch beside a depth-wise k x k convolution (ConvNeXt; see module doc):
+    s * Up3x3(filter(Down1x1(x))), Down C -> r (no bias, kaiming-uniform), Up r -> C with r groups (zero), the
+    convolution's stride. Shapes: (B, C, H, W) -> (B, C, H', W') as the convolution's output."""
+
+    def __init__(self, conv: nn.Conv2d, cfg: CoLoRAConfig) -> None:
+        super().__init__()
+        c, r = conv.in_channels, max(1, conv.in_channels // (2 * cfg.gamma))
+        while conv.out_channels % r:  # the grouped up-projection needs r | C
+            r -= 1
+        self.cfg = cfg
+        self.down = nn.Conv2d(c, r, 1, bias=False)
+        self.up = nn.Conv2d(r, conv.out_channels, 3, stride=conv.stride, padding=1, groups=r, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.down(x)
+        if self.cfg.filtering and self.training:
+            z = filtered(z, self.cfg.window, self.cfg.sigma)
+        return self.cfg.scale * self.up(z)
+
+
+def colora_pairs(model: nn.Module) -> list[tuple[str, str, str, str | None]]:
+    """(block, first layer, second layer, depth-wise conv or None) of every block CoLoRA adapts, from the family
+    table (:data:`mslora.core.placement.FAMILIES`): blocks that have both 1x1 layers as Linear or 1x1 Conv2d.
 
     Raises:
         ValueError: the backbone has no known pairs (CoLoRA is defined for ConvNets: ConvNeXt, ResNet).
     """
     fam = family(model)
     pairs = []
-    if fam == "ConvNeXt":
-        pairs = [(b, f"{b}.mlp.fc1", f"{b}.mlp.fc2") for b in blocks(model)[0]]
-    elif fam == "ResNet":
-        pairs = [(b, f"{b}.conv1", f"{b}.conv3") for b in blocks(model)[0] if hasattr(model.get_submodule(b), "conv3")]
-    elif fam in ("EfficientNet", "MobileNetV3"):  # inverted residuals: 1x1 expand, depth-wise, 1x1 project
-        pairs = [(b, f"{b}.conv_pw", f"{b}.conv_pwl") for b in blocks(model)[0]
-                 if all(isinstance(getattr(model.get_submodule(b), n, None), nn.Conv2d) for n in ("conv_pw", "conv_pwl"))]
+    if fam is not None and fam.colora is not None:
+        first, second, *dw = fam.colora
+        for b in blocks(model):
+            block = model.get_submodule(b)
+            layers = [_get(block, first), _get(block, second)]
+            if all(isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                                                and m.groups == 1) for m in layers):
+                conv = _get(block, dw[0]) if dw else None
+                pairs.append((b, f"{b}.{first}", f"{b}.{second}", f"{b}.{dw[0]}" if isinstance(conv, nn.Conv2d) else None))
     if not pairs:
         raise ValueError(f"colora adapts adjacent 1x1 layers of ConvNeXt blocks, ResNet bottlenecks or "
                          f"EfficientNet/MobileNetV3 inverted residuals; {type(model).__name__} has none")
     return pairs
 
 
+def _get(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def merge_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
-    """Fold every pair's Eq. 14-15 updates into W1 and W2 and remove the adapter.
+    """Fold every pair's Eq. 14-15 updates into W1 and W2; hooks and modules are removed by :func:`mslora.merge`.
 
     Raises:
-        ValueError: a merged weight is not finite (nothing is changed then).
+        ValueError: a depth-wise branch is present (its 1x1 down-projection mixes channels, which the depth-wise
+            convolution it sits beside cannot hold; adapt with ``depthwise=False`` to merge), or a merged weight
+            is not finite. Nothing is changed then.
     """
-    pairs = [(n, m) for n, m in model.named_modules() if isinstance(m, CoLoRAPair)]
+    pairs = [m for m in model.modules() if isinstance(m, CoLoRAPair)]
+    if any(p.dw is not None for p in pairs):
+        raise ValueError("colora's depth-wise branch (ConvNeXt) mixes channels, which a depth-wise convolution "
+                         "cannot hold, so it does not merge; adapt with depthwise=False to get a mergeable CoLoRA")
     updates = []
-    for _, pair in pairs:
+    for pair in pairs:
         for layer, dw in zip(pair.layers, pair.delta_weights()):
-            new = layer.weight + dw.t().reshape(layer.weight.shape)  # (out, in[, 1, 1])
-            if not torch.isfinite(new).all():
-                raise ValueError("merging colora gives non-finite weights; the adapter is not merged")
-            updates.append((layer, new))
+            updates.append((layer, layer.weight + dw.t().reshape(layer.weight.shape)))  # (out, in[, 1, 1])
+    for layer, new in updates:
+        if not torch.isfinite(new).all():
+            raise ValueError("merging colora gives non-finite weights; the adapter is not merged")
     with torch.no_grad():
         for layer, new in updates:
             layer.weight.copy_(new)
-    for name, pair in pairs:
-        for handle in pair.handles:
-            handle.remove()
-        parent, _, child = name.rpartition(".")
-        delattr(model.get_submodule(parent), child)
+
+
+class _BranchHook:
+    """Forward hook adding ``branch(input)`` to a layer's output (an object, so deepcopy hooks the copy's branch)."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        self.branch = branch
+
+    def __call__(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+        return out + self.branch(args[0])
 
 
 @register("colora", CoLoRAConfig, merge=merge_colora)
 def apply_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
-    """Attach a :class:`CoLoRAPair` to every block with an adjacent 1x1 pair and hook both layers."""
-    for block, first, second in colora_pairs(model):
+    """Store a :class:`CoLoRAPair` per adapted block (``model.adapters``) and hook both layers (and the
+    depth-wise branch beside ConvNeXt's ``conv_dw``); with ``bias_norm`` every bias and norm layer trains too."""
+    for block, first, second, dw in colora_pairs(model):
         l1, l2 = model.get_submodule(first), model.get_submodule(second)
-        pair = CoLoRAPair(l1, l2, cfg, block)
-        model.get_submodule(block).add_module("colora", pair)
-        pair.handles = (keep_handle(l1.register_forward_hook(_channel_last_hook(pair.delta1))),
-                        keep_handle(l2.register_forward_hook(_channel_last_hook(pair.delta2))))
+        pair = store(model, block, CoLoRAPair(l1, l2, cfg, block))
+        keep_handle(l1.register_forward_hook(_channel_last_hook(pair.delta1)))
+        keep_handle(l2.register_forward_hook(_channel_last_hook(pair.delta2)))
+        if dw is not None and cfg.depthwise:
+            conv = model.get_submodule(dw)
+            pair.dw, pair.dw_layer = DepthwiseBranch(conv, cfg).to(conv.weight.device, conv.weight.dtype), (conv,)
+            pair.dw.train(model.training)
+            keep_handle(conv.register_forward_hook(_BranchHook(pair.dw)))
+    if cfg.bias_norm:
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                p.requires_grad_(True)
+        for m in model.modules():
+            if isinstance(m, NORMS):
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(True)

@@ -1,12 +1,13 @@
-"""MSLoRA: multi-scale low-rank adaptation by attention reweighting (seed 000, arXiv 2511.12400).
+"""MSLoRA: multi-scale low-rank adaptation by attention reweighting (arXiv 2511.12400).
 
 F' = F + Up(Proj(F) * Trans(F))                                       (Sec. 1 residual form, Eq. 1)
 Proj(F)  = GConv1x1_G(F)                 C_in -> D, G groups          (Sec. 3.1)
 Trans(F) = PW( sum_k GELU(DW_k(GConv1x1_G(F))) )  [+ LN + GELU]       (Eq. 2, Sec. 3.2, 3.4)
 Up       = GConv1x1_G                    D -> C_in, zero-initialised
 
-Parameters (Sec. 3.6, Eq. 3) for kernels (3, 5, 7): 3*C_in*D/G + D^2 + 83*D, plus biases (8*D + C_in)
-and LayerNorms (2*D for ``enhance``, 2*C_in for ``input_norm``).
+Parameters (Sec. 3.6, Eq. 3) for kernels (3, 5, 7): 3*C_in*D/G + D^2 + 83*D, plus biases (6*D + C_in: Proj,
+the down-projection, three depth-wise convs and the point-wise conv have D each, Up has C_in) and LayerNorms
+(2*D for ``enhance``, 2*C_in for ``input_norm``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from mslora.core.inject import PRE_NORM_FAMILIES, attach, family, find_sites
+from mslora.core.inject import attach
+from mslora.core.placement import find_sites
 from mslora.core.layout import Layout
 from mslora.registry import register
 
@@ -32,7 +34,7 @@ class MSLoRAConfig:
     global_pool: bool = False  # extra global-average-pooling path (Sec. 3.5, Table 2f)
     gate: bool = False  # gated attention: one sigmoid gate map per parallel path (Sec. 3.5, Table 2f)
     channel_shuffle: bool = False  # shuffle channels across groups before the up-projection (Sec. 3.5)
-    input_norm: bool | None = None  # LayerNorm at the input; None: on for pre-norm backbones (Sec. 4.1)
+    input_norm: bool | None = None  # LayerNorm at the input; None: on at pre-norm sites (Sec. 4.1)
     zero_init: bool = True  # zero up-projection, so the adapted model equals its backbone at initialisation
     target_modules: str | None = None  # regex over module names overriding the automatic placement
     layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
@@ -126,9 +128,32 @@ class MSLoRA(nn.Module):
     "so no change of the backbone weights reproduces it",
 )
 def apply_mslora(model: nn.Module, cfg: MSLoRAConfig) -> None:
-    """Insert one :class:`MSLoRA` at every site of :func:`mslora.core.inject.find_sites` (Sec. 3, Fig. 2 right)."""
-    input_norm = cfg.input_norm if cfg.input_norm is not None else family(model) in PRE_NORM_FAMILIES
-    for site in find_sites(model, cfg.target_modules, cfg.layout):
+    """Insert one :class:`MSLoRA` at every site of :func:`mslora.core.placement.find_sites` (Sec. 3, Fig. 2
+    right); ``input_norm=None`` prepends the LayerNorm at pre-norm sites (Sec. 4.1).
+
+    Raises:
+        ValueError: a site whose features are not a spatial grid (its depth-wise convolutions need one), or any
+            placement error of :func:`~mslora.core.placement.find_sites`.
+    """
+    sites = find_sites(model, cfg.target_modules, cfg.layout)
+    spatial_only(sites, "mslora")
+    for site in sites:
+        input_norm = cfg.input_norm if cfg.input_norm is not None else site.pre_norm
         module = MSLoRA(site.channels, cfg.rank, cfg.groups, cfg.kernel_sizes, cfg.enhance, cfg.global_pool,
                         cfg.gate, cfg.channel_shuffle, input_norm, cfg.zero_init, site.layout, site.name)
-        attach(model, site.name, "mslora", module)
+        attach(model, site.name, module, "input" if site.on_input else "output")
+
+
+def spatial_only(sites, method: str) -> None:
+    """Refuse sites whose features are not a 2D grid (a depth-wise convolution over them would mix unrelated
+    positions).
+
+    Raises:
+        ValueError: naming the first such site.
+    """
+    for site in sites:
+        if not site.layout.spatial:
+            raise ValueError(f"{method} needs a spatial grid, but the tokens at '{site.name}' are not one (not in "
+                             "raster order, or their count does not follow the input size); adapt sites with "
+                             "(B, C, H, W) or (B, H, W, C) features via target_modules, or use a point-wise method "
+                             "(adapter, lorand, lora)")

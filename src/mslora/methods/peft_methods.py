@@ -3,21 +3,25 @@
 
 - ``lora`` (Hu et al. 2022): W' = W + (alpha / r) * B A on Linear and Conv2d layers (PEFT LoraConfig).
 - ``dora``: LoRA with weight decomposition (PEFT ``use_dora=True``).
-- ``pissa``: LoRA initialised from the principal singular vectors of W, with W replaced by its residual
-  (PEFT ``init_lora_weights='pissa'``); Linear layers only (PEFT's PiSSA init needs a 2D weight). The CoLoRA
-  supp. (Sec. F) uses alpha / r = 2.
-- ``hira`` (Huang et al. 2025): W' = W + W ⊙ (B A), a high-rank Hadamard update (PEFT HiraConfig); the CoLoRA
-  supp. compares against it on 1x1 layers.
-Default targets: every Linear and every ungrouped Conv2d inside the backbone's blocks (``pissa``: Linear only).
+- ``pissa`` (Meng et al., NeurIPS 2024): LoRA initialised from the principal singular vectors of W, with W
+  replaced by its residual (PEFT ``init_lora_weights='pissa'`` on Linear layers; on 1x1 convolutions, which
+  PEFT's PiSSA refuses, the same SVD initialisation here: a 1x1 conv is a Linear over channels). The CoLoRA
+  supp. (Sec. F) uses it on the 1x1 layers of CNNs with alpha / r = 2.
+- ``hira`` (Huang et al., ICLR 2025): W' = W + W ⊙ (B A), a high-rank Hadamard update (PEFT HiraConfig); the
+  CoLoRA supp. (Sec. F) compares against it on 1x1 layers only. (Its "expected scaling" s_expect is defined in
+  the CoLoRA main paper's Sec. 3.1, which is not among our sources; PEFT's HiRA has no scaling factor.)
+Default targets: every Linear and every ungrouped Conv2d inside the backbone's blocks for ``lora``/``dora``; for
+``pissa`` and ``hira``, every Linear in the blocks, or, in CNNs (no Linear in the blocks), every 1x1 Conv2d.
 All four merge: each PEFT layer computes its delta weight once and is replaced by its base layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from mslora.core.inject import modules_in_blocks
+from mslora.core.placement import modules_in_blocks
 from mslora.registry import register
 
 
@@ -37,9 +41,19 @@ class LoRAConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
 
-def _targets(model: nn.Module, cfg: "LoRAConfig | HiRAConfig", linear_only: bool = False) -> list[str]:
-    types = (nn.Linear,) if linear_only else (nn.Linear, nn.Conv2d)
-    return modules_in_blocks(model, types, cfg.target_modules, keep=lambda m: getattr(m, "groups", 1) == 1)
+def _targets(model: nn.Module, cfg: "LoRAConfig | HiRAConfig", pointwise: bool = False) -> list[str]:
+    """Linear and ungrouped Conv2d layers in the blocks (or ``target_modules``); ``pointwise``: Linear layers, or
+    in a CNN without Linear layers in its blocks, 1x1 Conv2d layers (CoLoRA supp. Sec. F)."""
+    names = modules_in_blocks(model, (nn.Linear, nn.Conv2d), cfg.target_modules,
+                              keep=lambda m: getattr(m, "groups", 1) == 1)
+    if not pointwise:
+        return names
+    linear = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    conv1x1 = [n for n in names if getattr(model.get_submodule(n), "kernel_size", None) == (1, 1)]
+    if not (linear or conv1x1):
+        raise ValueError(f"no Linear or 1x1 Conv2d layer of {type(model).__name__} matches "
+                         f"target_modules={cfg.target_modules!r}")
+    return linear or conv1x1
 
 
 def _inject(model: nn.Module, peft_config) -> None:
@@ -69,11 +83,11 @@ def merge_peft(model: nn.Module, cfg=None) -> None:
     unwrap_peft(model, merge=True)
 
 
-def _lora(model: nn.Module, cfg: LoRAConfig, linear_only: bool = False, **extra) -> None:
+def _lora(model: nn.Module, cfg: LoRAConfig, **extra) -> None:
     from peft import LoraConfig
 
     _inject(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=_targets(model, cfg, linear_only), **extra))
+                              target_modules=_targets(model, cfg), **extra))
 
 
 @register("lora", LoRAConfig, merge=merge_peft)
@@ -90,24 +104,44 @@ def apply_dora(model: nn.Module, cfg: LoRAConfig) -> None:
 
 @register("pissa", LoRAConfig, merge=merge_peft)
 def apply_pissa(model: nn.Module, cfg: LoRAConfig) -> dict:
-    """PiSSA on Linear layers (PEFT): B A holds the top-r singular components and W their residual, so the
-    model equals the backbone at initialisation up to float rounding. Returns copies of the original weights
-    (for :func:`mslora.unadapt`).
+    """PiSSA on Linear layers (PEFT), or on 1x1 convolutions in CNNs (the same SVD initialisation, done here):
+    B A holds the top-r singular components and W their residual, so the model equals the backbone at
+    initialisation up to float rounding. Returns copies of the original weights (for :func:`mslora.unadapt`).
 
     Raises:
-        ValueError: no Linear layer in the blocks (PEFT's PiSSA init takes 2D weights; use lora or hira on convs).
+        ValueError: no Linear or 1x1 Conv2d layer in the blocks.
     """
-    try:
-        targets = _targets(model, cfg, linear_only=True)
-    except ValueError:
-        raise ValueError(f"pissa adapts Linear layers (PEFT's PiSSA init needs 2D weights) and "
-                         f"{type(model).__name__} has none in its blocks; use lora or hira for convolutions") from None
+    from peft import LoraConfig
+
+    targets = _targets(model, cfg, pointwise=True)
     # On the meta device (parameter counting) there are no weights to decompose; the count is the same.
     meta = next(model.parameters()).device.type == "meta"
     # PiSSA replaces W by its residual: keep W so that mslora.unadapt can give the backbone back.
     originals = {} if meta else {f"{n}.weight": model.get_submodule(n).weight.detach().clone() for n in targets}
-    _lora(model, cfg, linear_only=True, init_lora_weights=True if meta else "pissa")
+    convs = isinstance(model.get_submodule(targets[0]), nn.Conv2d)
+    _inject(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                              init_lora_weights=True if (meta or convs) else "pissa"))
+    if convs and not meta:
+        for name in targets:
+            _pissa_conv1x1(model.get_submodule(name))
     return originals
+
+
+@torch.no_grad()
+def _pissa_conv1x1(layer) -> None:
+    """PEFT's ``LoraLayer.pissa_init`` for a 1x1 convolution viewed as its (out, in) matrix: A = sqrt(S_r) V_r^T,
+    B = U_r sqrt(S_r) with S_r divided by the scaling, and W <- W - scaling * B A."""
+    name = "default"
+    base = layer.get_base_layer()
+    w = base.weight.to(torch.float32).flatten(1)  # (out, in)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    r = layer.r[name]
+    sr = s[:r] / layer.scaling[name]
+    a = torch.diag(sr.sqrt()) @ vh[:r]  # (r, in)
+    b = u[:, :r] @ torch.diag(sr.sqrt())  # (out, r)
+    layer.lora_A[name].weight.copy_(a.view_as(layer.lora_A[name].weight))
+    layer.lora_B[name].weight.copy_(b.view_as(layer.lora_B[name].weight))
+    base.weight.copy_((w - layer.scaling[name] * b @ a).view_as(base.weight).to(base.weight.dtype))
 
 
 @dataclass
@@ -127,7 +161,8 @@ class HiRAConfig:
 
 @register("hira", HiRAConfig, merge=merge_peft)
 def apply_hira(model: nn.Module, cfg: HiRAConfig) -> None:
-    """HiRA on Linear and Conv2d layers (PEFT HiraConfig): W' = W + W ⊙ (B A), B = 0 at initialisation."""
+    """HiRA (PEFT HiraConfig) on Linear layers, or on 1x1 convolutions in CNNs (CoLoRA supp. Sec. F):
+    W' = W + W ⊙ (B A), B = 0 at initialisation."""
     from peft import HiraConfig
 
-    _inject(model, HiraConfig(r=cfg.rank, hira_dropout=cfg.dropout, target_modules=_targets(model, cfg)))
+    _inject(model, HiraConfig(r=cfg.rank, hira_dropout=cfg.dropout, target_modules=_targets(model, cfg, pointwise=True)))

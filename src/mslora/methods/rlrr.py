@@ -1,21 +1,31 @@
 """Weight-space methods built on :mod:`mslora.core.reparam`: RLRR and SSF. Both merge exactly.
 
-RLRR (seed 003, Sec. 3 Eq. 16-20; CNN extension supp. G; rank-r variant supp. F):
+RLRR (Dong et al., "Low-Rank Rescaled Vision Transformer Fine-Tuning: A Residual Design Approach", CVPR 2024,
+Sec. 3 Eq. 16-20; CNN extension supp. G; rank-r variant supp. F), laid out as its released code
+(github.com/zstarN70/RLRR) runs it:
     W' = W + s_left ⊙ W ⊙ s_right^T,  b' = b + f          (Eq. 16; merged form Eq. 20)
-on every Linear (attention qkv/proj, MLP fc1/fc2) and Conv2d (kernel viewed as (out, in*k*k)) inside the
-backbone's blocks, with SSF-style scale and shift on the blocks' norm layers "as SSF does" (Sec. 4.4 ablation).
-Parameters per layer: out + in*k*k + out (RLRR supp. Table 4: 3 * o * D* * L for square layers).
+- transformers (blocks with Linear layers): every Linear of the backbone outside the head (ViT: q, k, v, proj,
+  fc1, fc2 of every block, with q, k and v each scaled on its own inside timm's fused ``qkv``; Swin also its
+  PatchMerging ``reduction``), SSF scale and shift on the norm layers inside the blocks and on the final norm
+  (``norm``, or ``fc_norm`` where timm normalises after average pooling),
+  and on the patch-embedding output of ViT-style models (the official Swin has none there);
+- CNNs (no Linear in the blocks): every Conv2d outside the head, stem and shortcuts included, with the kernel
+  (O, I, k, k) viewed as an (O k) x (I k) matrix; BatchNorm is left alone (supp. G, Table 12).
+Parameters per Linear: out + in + out (3 * o * D* * L, RLRR supp. Table 4); ViT-B/16 with a 100-class head:
+0.29M + head, the paper's 0.33M average over VTAB-1k's heads.
 
-SSF (Lian et al. 2022, as cited by seed 003 Eq. 13): y = gamma ⊙ op(x) + beta after every Linear, Conv2d and
-norm layer inside the blocks; 2 * o * D* * L parameters (seed 003 supp. Table 4).
+SSF (Lian et al., NeurIPS 2022, as RLRR Eq. 13 writes it): y = gamma ⊙ op(x) + beta after every Linear, Conv2d and
+norm layer inside the blocks; 2 * o * D* * L parameters (RLRR supp. Table 4).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
 
-from mslora.core.inject import modules_in_blocks
+from mslora.core.inject import head_module, under
+from mslora.core.placement import family, modules_in_blocks
 from mslora.core.reparam import NORMS, Rescale, Shift, merge_parametrizations, reparametrize, scale_shift
 from mslora.registry import register
 
@@ -28,12 +38,13 @@ def _affine(m: nn.Module) -> bool:
 
 @dataclass
 class RLRRConfig:
-    """Options of RLRR (seed 003)."""
+    """Options of RLRR."""
 
     rank: int = 1  # rank of S_left @ S_right; 1 is the paper's vector form (Eq. 16), r > 1 is supp. F
-    init: str = "identity"  # 'identity': s_left = 0 so the model starts as the backbone; 'official': both kaiming-uniform
-    norms: bool = True  # SSF-style scale and shift on the norm layers inside the blocks
-    target_modules: str | None = None  # regex over module names (Linear, Conv2d, norms); default: all inside blocks
+    init: str = "identity"  # 'identity': s_left = 0, SSF at 1 / 0, so the model starts as the backbone;
+    # 'official': the released code's kaiming-uniform (a=0) scales and N(1, 0.02) / N(0, 0.02) SSF terms
+    norms: bool = True  # transformers: SSF scale and shift on the norm layers (blocks, final norm, patch embedding)
+    target_modules: str | None = None  # regex over module names (Linear, Conv2d, norms); default: the layout above
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -42,25 +53,51 @@ class RLRRConfig:
             raise ValueError(f"init='{self.init}' is not one of {', '.join(RLRR_INITS)}")
 
 
+def _rlrr_targets(model: nn.Module, cfg: RLRRConfig) -> tuple[list[str], list[str]]:
+    """(layers to rescale, layers to scale-and-shift) by the official layout (module doc) or ``target_modules``."""
+    if cfg.target_modules is not None:
+        layers = modules_in_blocks(model, (nn.Linear, nn.Conv2d), cfg.target_modules)
+        rx = re.compile(cfg.target_modules)
+        norms = [n for n, m in model.named_modules() if isinstance(m, NORMS) and _affine(m) and rx.fullmatch(n)]
+        return layers, norms if cfg.norms else []
+    head = tuple(head_module(model))
+    outside_head = [(n, m) for n, m in model.named_modules() if n and not (n in head or under(n, head))]
+    if any(isinstance(model.get_submodule(n), nn.Linear) for n in modules_in_blocks(model, (nn.Linear, nn.Conv2d))):
+        layers = [n for n, m in outside_head if isinstance(m, nn.Linear)]
+        norms = modules_in_blocks(model, NORMS, keep=_affine) if cfg.norms else []
+        for final in ("norm", "fc_norm"):  # the final norm (timm ViTs with average pooling norm after it)
+            m = getattr(model, final, None)
+            if cfg.norms and isinstance(m, NORMS) and _affine(m):
+                norms.append(final)
+                break
+        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+        fam = family(model)
+        if cfg.norms and isinstance(proj, nn.Conv2d) and not (fam is not None and "SwinTransformer" in fam.classes):
+            norms.append("patch_embed.proj")
+        return layers, norms
+    return [n for n, m in outside_head if isinstance(m, nn.Conv2d)], []
+
+
 @register("rlrr", RLRRConfig, merge=lambda model, cfg: merge_parametrizations(model))
 def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
-    """Residual low-rank rescaling (Eq. 16) of every Linear and Conv2d in the blocks, plus norm scale/shift.
+    """Residual low-rank rescaling (Eq. 16) of the official layout's layers, plus SSF scale and shift.
 
-    The default ``init='identity'`` zeroes s_left, so the adapted model equals its backbone at initialisation
-    (as every method here but VPT does, and 'merged equals unmerged' is checkable from step 0); the official
-    code's kaiming-uniform init of both scales (``init='official'``) starts elsewhere. The paper's Table 10
-    puts its 'zero' init within 1.0 point of its own on each VTAB-1k group (82.4 / 85.1 / 60.8 against
-    82.7 / 85.8 / 61.8); the identity init here is not measured against it.
+    The default ``init='identity'`` zeroes s_left and starts SSF at 1 / 0, so the adapted model equals its
+    backbone at initialisation (as every method here but VPT and Mona does, and 'merged equals unmerged' is
+    checkable from step 0); ``init='official'`` is the released code's. The paper's Table 10 puts a 'zero' init
+    within 1.0 point of its own on each VTAB-1k group (82.4 / 85.1 / 60.8 against 82.7 / 85.8 / 61.8).
     A layer without a bias gets no shift f (see :func:`mslora.core.reparam.scale_shift`).
     """
-    for name in modules_in_blocks(model, (nn.Linear, nn.Conv2d), cfg.target_modules):
+    std = 0.02 if cfg.init == "official" else 0.0
+    layers, norms = _rlrr_targets(model, cfg)
+    for name in layers:
         m = model.get_submodule(name)
-        reparametrize(m, "weight", Rescale(m.weight, cfg.rank, identity=cfg.init == "identity"))
+        fused = isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] == "qkv" and m.out_features % 3 == 0
+        reparametrize(m, "weight", Rescale(m.weight, cfg.rank, identity=cfg.init == "identity", splits=3 if fused else 1))
         if m.bias is not None:
             reparametrize(m, "bias", Shift(m.bias))
-    if cfg.norms:
-        for name in modules_in_blocks(model, NORMS, cfg.target_modules, keep=_affine):
-            scale_shift(model.get_submodule(name))
+    for name in norms:
+        scale_shift(model.get_submodule(name), std)
 
 
 @dataclass

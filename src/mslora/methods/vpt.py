@@ -1,4 +1,5 @@
-"""VPT: visual prompt tuning (Jia et al. 2022; seed 003 Eq. 11, supp. Table 4: m * D shallow, m * D * L deep).
+"""VPT: visual prompt tuning (Jia et al., ECCV 2022; as RLRR, CVPR 2024, writes it: Eq. 11, supp. Table 4:
+m * D parameters shallow, m * D * L deep).
 
 ``num_tokens`` learnable prompt tokens are inserted after the prefix tokens (class, register) of a ViT-style
 token sequence before the first block; with ``deep`` every later block gets its own prompts in their place.
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mslora.core.inject import blocks, family, keep_handle
+from mslora.core.inject import keep_handle, store
+from mslora.core.placement import blocks, family
 from mslora.registry import register
 
 
@@ -58,17 +60,20 @@ def apply_vpt(model: nn.Module, cfg: VPTConfig) -> None:
     """Insert prompts with forward pre-hooks on the blocks and strip them after the last block.
 
     Raises:
-        ValueError: the backbone is not a ViT-style token model (VPT needs one global token sequence).
+        ValueError: the backbone is not a ViT-style token model with absolute position embeddings (VPT needs one
+            global token sequence whose blocks take any number of tokens; EVA's rotary and BEiT's relative
+            position embeddings are built for the patch tokens alone).
     """
-    if family(model) not in ("VisionTransformer", "Eva", "Beit"):
-        raise ValueError(f"vpt needs a ViT-style backbone with one token sequence (ViT, DeiT, EVA, BEiT); "
-                         f"got {type(model).__name__}")
-    names = blocks(model)[0]
+    fam = family(model)
+    if fam is None or fam.prompts is not True:
+        why = fam.prompts if fam is not None else "VPT inserts prompts into one global token sequence (ViT, DeiT)"
+        raise ValueError(f"vpt does not apply to {type(model).__name__}: {why}")
+    names = blocks(model)
     patch = model.patch_embed.patch_size[0]
     p = next(model.parameters())
     prompts = Prompts(len(names) if cfg.deep else 1, cfg.num_tokens, model.embed_dim, patch,
                       int(model.num_prefix_tokens), cfg.dropout).to(p.device, p.dtype)
-    model.add_module("vpt", prompts)
+    store(model, "vpt", prompts)
     for i, name in enumerate(names):
         if i == 0 or cfg.deep:
             keep_handle(model.get_submodule(name).register_forward_pre_hook(

@@ -1,0 +1,411 @@
+"""Where adapters go in a timm backbone: one table of the model families the library knows, a generic rule for
+every other family, and sites described by measurement.
+
+- **Blocks.** A family in :data:`FAMILIES` names its blocks by a regular expression (and, for MSLoRA, a site
+  inside the block where the paper fixes one: ResNet bottlenecks, Sec. 3 and Fig. 2 right). Any other timm model
+  takes its blocks from its own ``group_matcher(coarse=False)`` (the per-block groups timm uses for layer-wise
+  learning-rate decay), else from ``feature_info`` (one site per feature stage).
+- **Sites, measured.** A probe forward at the model's input size and at a second size, on a meta-device copy
+  of the model (no weights, no compute), records each site's output. The axis that does not change between the
+  sizes is the channel axis, which tells NCHW from NHWC; for token sequences (B, N, C), N = P + (H/s)(W/s) at
+  both sizes gives the stride s and the prefix count P per site (CaiT's and XCiT's blocks carry no class token
+  even though the model does). Models that take one input size only are probed at that size, with their patch
+  grid. A site that returns a tuple or list, or whose axes cannot be told apart, is refused with the reason.
+- **Pre-norm.** A block is pre-norm (MSLoRA Sec. 4.1: a LayerNorm is prepended at the adapter's input) when
+  the first layer with parameters that runs inside it is a norm layer; the table overrides this for families
+  whose residual branch normalises after a first depth-wise conv (ConvNeXt).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mslora.core.layout import Layout
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the library knows about one model family (matched by class name, base classes included).
+
+    Attributes:
+        classes: timm model class names.
+        blocks: regular expression matched in full against module names: the family's blocks.
+        pre_norm: the blocks output the un-normalised residual stream (MSLoRA's ``input_norm``); None: measured.
+        colora: names, relative to a block, of the adjacent 1x1 layers (first, second) CoLoRA adapts, and of the
+            depth-wise convolution that gets CoLoRA's filtered branch (ConvNeXt, CoLoRA supp. Table 8).
+        prompts: VPT can insert prompt tokens (one global token sequence, absolute position embedding); a string
+            says why not.
+        raster: tokens are in raster order, so reshaping them to a grid keeps space (Hiera unrolls them).
+    """
+
+    classes: tuple[str, ...]
+    blocks: str
+    pre_norm: bool | None = None
+    colora: tuple[str, ...] | None = None
+    prompts: bool | str = "VPT inserts prompts into one global token sequence (ViT, DeiT)"
+    raster: bool = True
+
+
+_POS = "its {} is computed for the patch tokens alone, so prompt tokens do not fit it"
+FAMILIES: tuple[Family, ...] = (
+    Family(("VisionTransformer",), r"blocks\.\d+", True, prompts=True),
+    Family(("Eva",), r"blocks\.\d+", True, prompts=_POS.format("rotary position embedding")),
+    Family(("Beit",), r"blocks\.\d+", True, prompts=_POS.format("relative position bias")),
+    Family(("VisionTransformerRelPos",), r"blocks\.\d+", True, prompts=_POS.format("relative position bias")),
+    Family(("SwinTransformer", "SwinTransformerV2"), r"layers\.\d+\.blocks\.\d+", True),
+    Family(("ConvNeXt",), r"stages\.\d+\.blocks\.\d+", True, colora=("mlp.fc1", "mlp.fc2", "conv_dw")),
+    Family(("EfficientNet", "MobileNetV3"), r"blocks\.\d+\.\d+", False, colora=("conv_pw", "conv_pwl")),
+    Family(("RegNet",), r"s\d+\.b\d+", False),
+    Family(("ResNet",), r"layer\d+\.\d+", False, colora=("conv1", "conv3")),
+    # HRNet's stages return one map per resolution; its branch blocks return one each.
+    Family(("HighResolutionNet",), r"layer1\.\d+|stage\d+\.\d+\.branches\.\d+\.\d+", False),
+    # CaiT and XCiT: the class-attention blocks see (and return) only the class token, so the patch blocks only.
+    Family(("Cait",), r"blocks\.\d+", True),
+    Family(("Xcit",), r"blocks\.\d+", True),
+    # CrossViT's multi-scale blocks return a list (one sequence per branch); the branch blocks return one each.
+    Family(("CrossVisionTransformer",), r"blocks\.\d+\.blocks\.\d+\.\d+", True),
+    Family(("Hiera",), r"blocks\.\d+", True, raster=False),
+)
+
+
+def family(model: nn.Module) -> Family | None:
+    """The :data:`FAMILIES` entry of the model's class or a base class, or None (the generic rule applies)."""
+    for cls in type(model).__mro__:
+        for fam in FAMILIES:
+            if cls.__name__ in fam.classes:
+                return fam
+    return None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place where a feature-space adapter goes.
+
+    Attributes:
+        name: qualified module name in the model (``model.get_submodule(name)``).
+        layout: layout of the features there, measured (:class:`mslora.core.layout.Layout`).
+        channels: channel count C of those features.
+        pre_norm: the features are an un-normalised residual stream (see module doc).
+        on_input: the site is the module's input (a forward pre-hook), not its output.
+    """
+
+    name: str
+    layout: Layout
+    channels: int
+    pre_norm: bool = False
+    on_input: bool = False
+
+
+def _regex(target_modules: str) -> re.Pattern:
+    try:
+        return re.compile(target_modules)
+    except re.error as e:
+        raise ValueError(f"target_modules='{target_modules}' is not a valid regex: {e}") from None
+
+
+def _finest(names: list[str]) -> list[str]:
+    """Drop names that contain another name of the list (keep the finest blocks)."""
+    return [n for n in names if not any(o.startswith(n + ".") for o in names)]
+
+
+def _matcher_blocks(model: nn.Module) -> list[str]:
+    """Blocks by timm's ``group_matcher(coarse=False)``: modules whose names fully match a per-block regex (the
+    entries timm groups one by one; stems and tail entries, e.g. final norms grouped as (99999,), are left out)."""
+    get = getattr(model, "group_matcher", None)
+    try:
+        spec = get(coarse=False) if get is not None else None
+    except Exception:  # a model whose matcher needs arguments or fails: no opinion
+        return []
+    if not isinstance(spec, dict):  # a callable matcher (CaiT, XCiT) names no modules
+        return []
+    regexes = []
+    for key, value in spec.items():
+        if key == "stem":
+            continue
+        for rx, group in ([(value, None)] if isinstance(value, str) else value):
+            if group is None:
+                regexes.append(re.compile(rx))
+    return _finest([n for n, _ in model.named_modules() if n and any(rx.fullmatch(n) for rx in regexes)])
+
+
+def _feature_blocks(model: nn.Module) -> list[str]:
+    """One block per feature stage of timm's ``feature_info`` (stride >= 4: the stem is not a stage)."""
+    info = getattr(model, "feature_info", None) or []
+    names = [f.get("module") for f in info if isinstance(f, dict) and f.get("reduction", 4) >= 4]
+    have = dict(model.named_modules())
+    return _finest([n for n in names if n and n in have])
+
+
+def blocks(model: nn.Module) -> list[str]:
+    """Module names of the backbone's blocks: the family table's, else timm's group matcher's, else one per
+    ``feature_info`` stage.
+
+    Raises:
+        ValueError: none of the three finds a block (pass ``target_modules``).
+    """
+    fam = family(model)
+    if fam is not None:
+        names = [n for n, _ in model.named_modules() if re.fullmatch(fam.blocks, n)]
+    else:
+        names = _matcher_blocks(model) or _feature_blocks(model)
+    if not names:
+        raise ValueError(f"no automatic adapter placement for {type(model).__name__}: neither the family table, "
+                         "timm's group_matcher nor feature_info names its blocks; pass target_modules=REGEX "
+                         "(a regular expression over module names, e.g. 'stages\\.\\d+\\.blocks\\.\\d+')")
+    return names
+
+
+def _inner_site(model: nn.Module, block: str) -> tuple[str, bool]:
+    """ResNet family: the site inside a block at the bottleneck width (MSLoRA Fig. 2 right): after the 3x3
+    conv's activation ``act2`` of a bottleneck, after ``act1`` of a basic block; blocks of the same base class
+    without those layers (Res2Net, SK-ResNet) take the input of the layer that follows (``conv3``, ``conv2``).
+    Returns (module name, on_input)."""
+    b = model.get_submodule(block)
+    act, nxt = ("act2", "conv3") if hasattr(b, "conv3") else ("act1", "conv2")
+    if isinstance(getattr(b, act, None), nn.Module):
+        return f"{block}.{act}", False
+    if isinstance(getattr(b, nxt, None), nn.Module):
+        return f"{block}.{nxt}", True
+    return block, False
+
+
+def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules: str | None = None,
+                     keep=lambda m: True) -> list[str]:
+    """Names of modules of ``types`` (and passing ``keep``) inside the blocks of :func:`blocks`, or matching the
+    ``target_modules`` regex (in full) when given. Weight-space methods use this for their default targets.
+
+    Raises:
+        ValueError: no module qualifies, an invalid regex, or no blocks and no regex.
+    """
+    if target_modules is not None:
+        rx = _regex(target_modules)
+        inside = lambda n: rx.fullmatch(n) is not None  # noqa: E731
+    else:
+        prefixes = tuple(b + "." for b in blocks(model))
+        inside = lambda n: n.startswith(prefixes)  # noqa: E731
+    names = [n for n, m in model.named_modules() if isinstance(m, types) and keep(m) and inside(n)]
+    if not names:
+        raise ValueError(f"no {'/'.join(t.__name__ for t in types)} module of {type(model).__name__} matches "
+                         f"target_modules={target_modules!r}")
+    return names
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model expects by default: its patch embedding's fixed size, else its pretrained_cfg."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is not None:
+        h, w = (fixed, fixed) if isinstance(fixed, int) else fixed
+    return c, h, w
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose tensors are on the meta device (shapes only: no memory, no compute)."""
+    memo = {}
+    for t in model.buffers():
+        memo[id(t)] = torch.empty_like(t, device="meta")
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+class _Probe:
+    """Forward hooks recording each site's output (shape, or its type when not one tensor) and the first
+    parameterised layer that runs inside it."""
+
+    def __init__(self, model: nn.Module, names: list[str], on_input: dict[str, bool]) -> None:
+        self.out: dict[str, tuple[int, ...] | str] = {}
+        self.first: dict[str, nn.Module] = {}
+        self.handles = []
+        for n in names:
+            m = model.get_submodule(n)
+            if on_input.get(n):
+                self.handles.append(m.register_forward_pre_hook(self._record(n, True)))
+            else:
+                self.handles.append(m.register_forward_hook(self._record(n, False)))
+        prefixes = {n: n + "." for n in names}
+        for mname, m in model.named_modules():
+            if next(m.parameters(recurse=False), None) is None:
+                continue
+            owners = [n for n, p in prefixes.items() if mname.startswith(p)]
+            if owners:
+                self.handles.append(m.register_forward_pre_hook(self._first(owners, m)))
+
+    def _record(self, name: str, on_input: bool):
+        def hook(_m, args, out=None):
+            x = args[0] if on_input else out
+            self.out.setdefault(name, tuple(x.shape) if torch.is_tensor(x) else
+                                f"a {type(x).__name__}" + (f" of {len(x)}" if isinstance(x, (tuple, list)) else ""))
+        return hook
+
+    def _first(self, owners: list[str], module: nn.Module):
+        def hook(_m, _args):
+            for o in owners:
+                self.first.setdefault(o, module)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _run(model: nn.Module, names: list[str], on_input: dict[str, bool], size: tuple[int, int]) -> _Probe:
+    """One probe forward of a zero image of ``size`` (H, W) in eval mode, without gradients."""
+    probe = _Probe(model, names, on_input)
+    p = next(model.parameters())
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, input_size(model)[0], *size, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was)
+        probe.remove()
+    return probe
+
+
+def _probe(model: nn.Module, names: list[str], on_input: dict[str, bool]) -> tuple[list[_Probe], list[tuple[int, int]]]:
+    """Probe at the default input size and at a second one (32 px more each side; on the meta copy, with
+    timm's ``set_input_size`` when the model takes one size only). Returns the probes that ran and their sizes.
+
+    Raises:
+        ValueError: the model does not run even at its default size (the message has the model's error).
+    """
+    _, h, w = input_size(model)
+    sizes = [(h, w), (h + 32, w + 32)]
+    try:
+        ghost = _meta_copy(model)
+        first = _run(ghost, names, on_input, sizes[0])
+    except Exception:  # an op without a meta kernel: probe the model itself, at its size only
+        try:
+            return [_run(model, names, on_input, sizes[0])], sizes[:1]
+        except Exception as e:
+            raise ValueError(f"cannot run {type(model).__name__} on a {h}x{w} image to find its adapter sites: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    try:
+        second = _run(ghost, names, on_input, sizes[1])
+    except Exception:
+        try:
+            ghost.set_input_size(img_size=sizes[1])
+            second = _run(ghost, names, on_input, sizes[1])
+        except Exception:
+            return [first], sizes[:1]
+    return [first, second], sizes
+
+
+def _describe(name: str, shapes: list, sizes: list[tuple[int, int]], model: nn.Module, kind: str, raster: bool
+              ) -> tuple[Layout, int]:
+    """Layout and channel count of one site from its output shapes at the probe sizes (see module doc).
+
+    Raises:
+        ValueError: not one tensor, an unsupported rank, or axes that cannot be told apart.
+    """
+    shape = shapes[0]
+    if isinstance(shape, str):
+        raise ValueError(f"module '{name}' returns {shape}, not one feature map; pass target_modules=REGEX naming "
+                         f"modules inside it that return one tensor each")
+    if kind in ("nchw", "nhwc"):
+        if len(shape) != 4:
+            raise ValueError(f"layout='{kind}' for '{name}', but its output has shape {shape}")
+        return Layout(kind), shape[1] if kind == "nchw" else shape[3]
+    if len(shape) == 4 and kind == "auto":
+        if len(shapes) == 2:
+            same = [i for i in (1, 2, 3) if shapes[0][i] == shapes[1][i]]
+            kinds = {(1,): "nchw", (3,): "nhwc"}
+            found = kinds.get(tuple(same))
+        else:
+            b, x, y, z = shape
+            found = "nchw" if y == z != x else "nhwc" if x == y != z else None
+        if found is None:
+            raise ValueError(f"cannot tell the channel axis of '{name}' (output {shapes[0]} at {sizes[0]}"
+                             + (f", {shapes[1]} at {sizes[1]}" if len(shapes) == 2 else "") +
+                             "); pass layout='nchw' or 'nhwc' with target_modules")
+        return Layout(found), shape[1] if found == "nchw" else shape[3]
+    if len(shape) == 3 and kind in ("auto", "tokens"):
+        grid = _token_grid(shapes, sizes, model) if raster else None
+        prefix = grid[0] if grid else 0
+        return Layout("tokens", prefix, grid[1] if grid else None, spatial=grid is not None), shape[2]
+    raise ValueError(f"module '{name}' outputs shape {shape}; expected (B, C, H, W), (B, H, W, C) or (B, N, C)")
+
+
+def _token_grid(shapes: list, sizes: list[tuple[int, int]], model: nn.Module) -> tuple[int, tuple[int, int]] | None:
+    """(prefix tokens P, patch grid at the default size) of a (B, N, C) site, or None when N is not P + grid.
+
+    Two sizes: N_i = P + (H_i W_i) / s^2 gives s and P. One size: the patch embedding's grid, else a square
+    with the model's prefix count.
+    """
+    n = [s[1] for s in shapes]
+    if len(shapes) == 2 and n[0] != n[1]:
+        a = [h * w for h, w in sizes]
+        s2 = (a[1] - a[0]) / (n[1] - n[0])
+        s = round(math.sqrt(s2)) if s2 > 0 else 0
+        if s and all(h % s == 0 and w % s == 0 for h, w in sizes):
+            grid = (sizes[0][0] // s, sizes[0][1] // s)
+            p = n[0] - grid[0] * grid[1]
+            if p >= 0 and n[1] - (sizes[1][0] // s) * (sizes[1][1] // s) == p:
+                return p, grid
+        return None
+    if len(shapes) == 2:
+        return None  # N does not follow the input size: not a patch grid
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and 0 <= n[0] - grid[0] * grid[1] <= 64:
+        return n[0] - grid[0] * grid[1], tuple(grid)
+    p = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    side = math.isqrt(max(n[0] - p, 0))
+    return (p, (side, side)) if side and side * side == n[0] - p else None
+
+
+def find_sites(model: nn.Module, target_modules: str | None = None, layout: str = "auto",
+               inner: bool = True) -> list[Site]:
+    """Adapter sites of ``model``, each described by measurement (see module doc).
+
+    Args:
+        model: a timm model.
+        target_modules: regex matched in full against module names; None: the blocks of :func:`blocks`.
+        layout: with ``target_modules``: ``"auto"`` (measured), ``"nchw"``, ``"nhwc"`` or ``"tokens"``.
+        inner: in the ResNet family, the site inside each block at the bottleneck width (MSLoRA Fig. 2 right)
+            rather than the block's output.
+
+    Raises:
+        ValueError: an invalid regex or one that matches nothing; no blocks; a site that does not run, returns
+            several tensors, or whose layout cannot be told.
+    """
+    if layout not in ("auto", "nchw", "nhwc", "tokens"):
+        raise ValueError(f"layout='{layout}' is not one of auto, nchw, nhwc, tokens")
+    fam = family(model)
+    if target_modules is None:
+        names, kind = blocks(model), "auto"
+        on_input = {}
+        if inner and fam is not None and "ResNet" in fam.classes:
+            resolved = [_inner_site(model, b) for b in names]
+            names, on_input = [n for n, _ in resolved], {n: i for n, i in resolved}
+    else:
+        rx = _regex(target_modules)
+        names = [n for n, _ in model.named_modules() if n and rx.fullmatch(n)]
+        kind, on_input = layout, {}
+        if not names:
+            raise ValueError(f"target_modules='{target_modules}' matches no module of {type(model).__name__}")
+    probes, sizes = _probe(model, names, on_input)
+    sites = []
+    for name in names:
+        shapes = [p.out.get(name) for p in probes]
+        if shapes[0] is None:
+            raise ValueError(f"module '{name}' did not run in a forward pass, so no adapter can act on it")
+        shapes = [s for s in shapes if s is not None]
+        lay, channels = _describe(name, shapes, sizes[:len(shapes)], model, kind,
+                                  fam.raster if fam is not None and target_modules is None else True)
+        first = probes[0].first.get(name)
+        if fam is not None and fam.pre_norm is not None and target_modules is None:
+            pre = fam.pre_norm
+        else:
+            pre = isinstance(first, NORM_TYPES) or type(first).__name__.endswith(("LayerNorm", "LayerNorm2d", "RmsNorm"))
+        sites.append(Site(name, lay, channels, pre, on_input.get(name, False)))
+    return sites

@@ -1,0 +1,133 @@
+"""Mona: multi-cognitive visual adapter (Yin et al., "5%>100%: Breaking Performance Shackles of Full Fine-Tuning
+on Visual Recognition Tasks", CVPR 2025, Sec. 3, Fig. 3; released code github.com/Leiyi-Hu/mona,
+``swin_transformer_mona.py``).
+
+    Mona(x) = x + Up(Dropout(GELU(MonaOp(Down(LN(x) * gamma + x * gammax)))))
+    MonaOp(z) = z' + Proj1x1(z'),  z' = (DW3(z) + DW5(z) + DW7(z)) / 3 + z
+
+with Down: C -> 64 and Up: 64 -> C Linear layers, depth-wise convolutions over the 64-channel map, gamma
+initialised to 1e-6 and gammax to 1, dropout 0.1. The released code places two modules in every Swin block:
+one after the attention sub-block's residual addition (before ``norm2``) and one after the MLP sub-block's;
+here the same in every transformer block that timm builds as ``x + drop_path1(...)``, ``x + drop_path2(...)``,
+and one after every block elsewhere (CNNs), where no second residual sub-block exists.
+
+The released code's ``init_weights`` draws every Linear from a truncated normal (std 0.02, bias 0) before the
+backbone checkpoint is loaded over it, so Mona does not start as its backbone; ``init='identity'`` zeroes Up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mslora.core.inject import attach, attach_branch
+from mslora.core.layout import Layout
+from mslora.core.placement import blocks, find_sites
+from mslora.methods.mslora import spatial_only
+from mslora.registry import register
+
+MONA_INITS = ("official", "identity")
+
+
+@dataclass
+class MonaConfig:
+    """Options of Mona, with the released code's values as defaults."""
+
+    rank: int = 64  # bottleneck width (fixed at 64 in the released code)
+    kernel_sizes: tuple[int, ...] = (3, 5, 7)  # depth-wise kernels of MonaOp, averaged
+    dropout: float = 0.1  # dropout after the GELU
+    init: str = "official"  # 'official': trunc-normal(0.02) projections; 'identity': Up zero, starts as the backbone
+    target_modules: str | None = None  # regex over module names: one Mona after each (instead of two per block)
+    layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
+
+    def __post_init__(self) -> None:
+        self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be a positive integer")
+        if not self.kernel_sizes or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
+            raise ValueError(f"kernel_sizes={list(self.kernel_sizes)} must be a non-empty list of odd sizes")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.init not in MONA_INITS:
+            raise ValueError(f"init='{self.init}' is not one of {', '.join(MONA_INITS)}")
+
+
+class MonaOp(nn.Module):
+    """Multi-cognitive convolutional filters: mean of depth-wise k x k convolutions plus identity, then a 1x1
+    projection plus identity. Shapes: (B, D, H, W) -> (B, D, H, W)."""
+
+    def __init__(self, channels: int, kernel_sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels)
+                                   for k in kernel_sizes)
+        self.projector = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = sum(conv(x) for conv in self.convs) / len(self.convs) + x
+        return x + self.projector(x)
+
+
+class Mona(nn.Module):
+    """One Mona module on features in ``layout`` (prefix tokens pass through unchanged).
+
+    Shapes: input and output alike, (B, C, H, W), (B, H, W, C) or (B, P + H*W, C).
+    """
+
+    def __init__(self, channels: int, cfg: MonaConfig, layout: Layout = Layout()) -> None:
+        super().__init__()
+        self.layout = layout
+        self.norm = nn.LayerNorm(channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 1e-6))
+        self.gammax = nn.Parameter(torch.ones(channels))
+        self.project1, self.project2 = nn.Linear(channels, cfg.rank), nn.Linear(cfg.rank, channels)
+        self.adapter_conv = MonaOp(cfg.rank, cfg.kernel_sizes)
+        self.dropout = nn.Dropout(cfg.dropout)
+        for lin in (self.project1, self.project2):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        if cfg.init == "identity":
+            nn.init.zeros_(self.project2.weight)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Mona(x) - x, in the layout of ``x`` (zero on prefix tokens)."""
+        f, prefix = self.layout.to_2d(x)
+        h = f.permute(0, 2, 3, 1)  # (B, H, W, C)
+        h = self.norm(h) * self.gamma + h * self.gammax
+        h = self.adapter_conv(self.project1(h).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, D)
+        h = self.project2(self.dropout(F.gelu(h)))  # (B, H, W, C)
+        return self.layout.from_2d(h.permute(0, 3, 1, 2), None if prefix is None else torch.zeros_like(prefix))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.delta(x)
+
+    def branch(self, kept: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Between two residual sub-blocks: the attention sub-block's output ``out`` is added to its input
+        ``kept``; returns the change Mona makes to that sum."""
+        return self.delta(kept + out)
+
+
+def _two_per_block(block: nn.Module) -> bool:
+    return all(isinstance(getattr(block, a, None), nn.Module) for a in ("drop_path1", "drop_path2"))
+
+
+@register("mona", MonaConfig, merge_impossible="it has nonlinearities (GELU, LayerNorm) between its projections")
+def apply_mona(model: nn.Module, cfg: MonaConfig) -> None:
+    """Two :class:`Mona` modules per transformer block (after each residual sub-block), one after every other
+    block or every ``target_modules`` match.
+
+    Raises:
+        ValueError: a site whose features are not a spatial grid, or any placement error.
+    """
+    sites = find_sites(model, cfg.target_modules, cfg.layout, inner=False)
+    spatial_only(sites, "mona")
+    names = set(blocks(model)) if cfg.target_modules is None else set()
+    for site in sites:
+        block = model.get_submodule(site.name)
+        if site.name in names and _two_per_block(block):
+            attach_branch(model, f"{site.name}.mona1", Mona(site.channels, cfg, site.layout), site.name,
+                          f"{site.name}.drop_path1")
+            attach(model, site.name, Mona(site.channels, cfg, site.layout), key=f"{site.name}.mona2")
+        else:
+            attach(model, site.name, Mona(site.channels, cfg, site.layout))
