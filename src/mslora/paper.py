@@ -29,6 +29,8 @@ class Row:
     paper_pct: float | None = None
     part: str = "all"  # 'all', or MSLoRA Table 1's branches: 'proj' (three grouped 1x1), 'trans' (the rest)
     note: str = ""
+    classes: int = 1000  # classifier size of the counted model
+    head: bool = False  # the paper's count includes the classifier head
 
 
 SWIN_B, SWIN_L, R50 = "swin_base_patch4_window7_224", "swin_large_patch4_window7_224", "resnet50"
@@ -75,6 +77,14 @@ ROWS: list[Row] = [
                       ("lora", {"rank": 8}, "2*w*D*D'*L, D'=8, w=layers adapted"))
       if not (m == "vpt" and b == SWIN_B)],
     Row("CoLoRA supp. Tables 5-7", R50, "colora", {}, 1.0, note="gamma for VTAB-1k not stated; ours gamma=16, ratio 0.5"),
+    *[Row("CoLoRA supp. Table 8", "convnext_base", "colora", {"gamma": g, "shared_ratio": q, "bias_norm": True}, p,
+          note="with the depth-wise branch and the trained biases and norms (supp. F)")
+      for g, q, p in ((16, 0.5, 4.6), (8, 0.8, 5.7), (8, 0.5, 8.8), (4, 0.8, 11.1), (4, 0.5, 17.3), (4, 0.4, 19.5),
+                      (2, 0.9, 17.7), (2, 0.8, 21.9))],
+    *[Row("RLRR supp. Table 12", b, "rlrr", {"rank": r}, p, classes=100, head=True, note="CIFAR-100 head included")
+      for b, r, p in (("resnet18", 1, 0.08), ("resnet18", 10, 0.29), ("resnet50", 1, 0.27), ("resnet50", 10, 0.85))],
+    Row("RLRR Table 2", "vit_base_patch16_224", "rlrr", {}, 0.33, classes=50, head=True,
+        note="VTAB-1k average, heads included; 50 classes ~ VTAB-1k's mean of 49.5"),
     Row("CoLoRA supp. Tables 5-7", "convnext_small", "colora", {}, 2.6, note="gamma for VTAB-1k not stated"),
     Row("CoLoRA supp. Tables 5-7", R50, "conv_adapter", {}, 1.4),
     Row("CoLoRA supp. Tables 5-7", "convnext_small", "conv_adapter", {}, 2.8),
@@ -85,13 +95,14 @@ ROWS: list[Row] = [
 
 
 def _count(row: Row) -> tuple[int, int]:
-    model = meta_model(row.backbone)
-    base = sum(p.numel() for p in model.parameters())
+    """(trainable parameters outside the head, plus the head where the paper counts it; the unadapted model's
+    parameters with a 1000-class head)."""
+    base = sum(p.numel() for p in meta_model(row.backbone).parameters())
+    model = meta_model(row.backbone, row.classes)
     mslora.adapt(model, row.method, **row.options)
     if row.part == "all":
         c = mslora.count_parameters(model)
-        n = c["adapter_params"] or c["trainable_params"] - c["head_params"]
-        return n, base
+        return c["trainable_params"] - (0 if row.head else c["head_params"]), base
     proj = (".proj.", ".trans.down.", ".up.")  # the three grouped 1x1 projections
     parts = {"proj": 0, "trans": 0}
     for name, p in model.named_parameters():
@@ -102,7 +113,7 @@ def _count(row: Row) -> tuple[int, int]:
 
 def formula(row: Row) -> float | None:
     """RLRR supp. Table 4 formulas evaluated on the backbone (parameters, not millions), or None."""
-    if not row.source.startswith("RLRR"):
+    if row.source != "RLRR supp. Table 4":
         return None
     from mslora.core.placement import blocks
 

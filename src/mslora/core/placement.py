@@ -18,6 +18,7 @@ every other family, and sites described by measurement.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -70,8 +71,10 @@ FAMILIES: tuple[Family, ...] = (
     Family(("Cait",), r"blocks\.\d+", True),
     Family(("Xcit",), r"blocks\.\d+", True),
     # CrossViT's multi-scale blocks return a list (one sequence per branch); the branch blocks return one each.
-    Family(("CrossVisionTransformer",), r"blocks\.\d+\.blocks\.\d+\.\d+", True),
+    Family(("CrossVit",), r"blocks\.\d+\.blocks\.\d+\.\d+", True),
     Family(("Hiera",), r"blocks\.\d+", True, raster=False),
+    # CoaT: the serial blocks; the parallel blocks return one sequence per scale (a tuple) and are left out.
+    Family(("CoaT",), r"serial_blocks\d\.\d+", True),
 )
 
 
@@ -127,7 +130,7 @@ def _matcher_blocks(model: nn.Module) -> list[str]:
         return []
     regexes = []
     for key, value in spec.items():
-        if key == "stem":
+        if key.startswith("stem"):  # 'stem', or CoaT's 'stem1' ... 'stem4'
             continue
         for rx, group in ([(value, None)] if isinstance(value, str) else value):
             if group is None:
@@ -273,32 +276,38 @@ def _run(model: nn.Module, names: list[str], on_input: dict[str, bool], size: tu
 
 
 def _probe(model: nn.Module, names: list[str], on_input: dict[str, bool]) -> tuple[list[_Probe], list[tuple[int, int]]]:
-    """Probe at the default input size and at a second one (32 px more each side; on the meta copy, with
-    timm's ``set_input_size`` when the model takes one size only). Returns the probes that ran and their sizes.
+    """Probe at the default input size and at a second one (32 px more each side, else twice the size; on the meta
+    copy, with timm's ``set_input_size`` when the model takes one size only). Returns the probes that ran and
+    their sizes.
 
     Raises:
         ValueError: the model does not run even at its default size (the message has the model's error).
     """
     _, h, w = input_size(model)
-    sizes = [(h, w), (h + 32, w + 32)]
     try:
         ghost = _meta_copy(model)
-        first = _run(ghost, names, on_input, sizes[0])
+        first = _run(ghost, names, on_input, (h, w))
     except Exception:  # an op without a meta kernel: probe the model itself, at its size only
         try:
-            return [_run(model, names, on_input, sizes[0])], sizes[:1]
+            return [_run(model, names, on_input, (h, w))], [(h, w)]
         except Exception as e:
             raise ValueError(f"cannot run {type(model).__name__} on a {h}x{w} image to find its adapter sites: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    try:
-        second = _run(ghost, names, on_input, sizes[1])
-    except Exception:
+    for size in ((h + 32, w + 32), (2 * h, 2 * w)):
         try:
-            ghost.set_input_size(img_size=sizes[1])
-            second = _run(ghost, names, on_input, sizes[1])
+            return [first, _run(ghost, names, on_input, size)], [(h, w), size]
         except Exception:
-            return [first], sizes[:1]
-    return [first, second], sizes
+            pass
+    timm_log = logging.getLogger("timm")
+    level = timm_log.level
+    try:
+        timm_log.setLevel(logging.WARNING)  # not "Resized position embedding" on every adapt
+        ghost.set_input_size(img_size=(h + 32, w + 32))
+        return [first, _run(ghost, names, on_input, (h + 32, w + 32))], [(h, w), (h + 32, w + 32)]
+    except Exception:
+        return [first], [(h, w)]
+    finally:
+        timm_log.setLevel(level)
 
 
 def _describe(name: str, shapes: list, sizes: list[tuple[int, int]], model: nn.Module, kind: str, raster: bool
@@ -317,11 +326,11 @@ def _describe(name: str, shapes: list, sizes: list[tuple[int, int]], model: nn.M
             raise ValueError(f"layout='{kind}' for '{name}', but its output has shape {shape}")
         return Layout(kind), shape[1] if kind == "nchw" else shape[3]
     if len(shape) == 4 and kind == "auto":
-        if len(shapes) == 2:
+        if len(shapes) == 2 and shapes[0] != shapes[1]:
             same = [i for i in (1, 2, 3) if shapes[0][i] == shapes[1][i]]
             kinds = {(1,): "nchw", (3,): "nhwc"}
             found = kinds.get(tuple(same))
-        else:
+        else:  # one size, or a model that resizes its input (the map does not change): square maps tell
             b, x, y, z = shape
             found = "nchw" if y == z != x else "nhwc" if x == y != z else None
         if found is None:
@@ -340,7 +349,7 @@ def _token_grid(shapes: list, sizes: list[tuple[int, int]], model: nn.Module) ->
     """(prefix tokens P, patch grid at the default size) of a (B, N, C) site, or None when N is not P + grid.
 
     Two sizes: N_i = P + (H_i W_i) / s^2 gives s and P. One size: the patch embedding's grid, else a square
-    with the model's prefix count.
+    grid after the model's prefix count (or after the fewest prefix tokens, at most 8, that leave a square).
     """
     n = [s[1] for s in shapes]
     if len(shapes) == 2 and n[0] != n[1]:
@@ -353,14 +362,16 @@ def _token_grid(shapes: list, sizes: list[tuple[int, int]], model: nn.Module) ->
             if p >= 0 and n[1] - (sizes[1][0] // s) * (sizes[1][1] // s) == p:
                 return p, grid
         return None
-    if len(shapes) == 2:
-        return None  # N does not follow the input size: not a patch grid
+    # One size, or a model that resizes its input to a fixed size (CrossViT): N is read at the default size.
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if grid is not None and 0 <= n[0] - grid[0] * grid[1] <= 64:
         return n[0] - grid[0] * grid[1], tuple(grid)
-    p = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    side = math.isqrt(max(n[0] - p, 0))
-    return (p, (side, side)) if side and side * side == n[0] - p else None
+    known = getattr(model, "num_prefix_tokens", None)
+    for p in ([int(known)] if known is not None else []) + list(range(9)):  # the model's count, else the fewest
+        side = math.isqrt(max(n[0] - p, 0))
+        if side > 1 and side * side == n[0] - p:
+            return p, (side, side)
+    return None
 
 
 def find_sites(model: nn.Module, target_modules: str | None = None, layout: str = "auto",

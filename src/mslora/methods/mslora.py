@@ -100,7 +100,8 @@ class MSLoRA(nn.Module):
         super().__init__()
         where = f" of {name}" if name else ""
         if in_channels % groups:
-            raise ValueError(f"groups={groups} must divide in_channels={in_channels}{where}")
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels}{where}; pass groups that divide "
+                             "every site's channel count (groups=1 always does)")
         if rank % groups:
             raise ValueError(f"groups={groups} must divide rank={rank}")
         self.layout = layout
