@@ -49,12 +49,13 @@ METHODS = {  # name -> (options, lr): lr as chosen on Fashion-MNIST validation i
     "dora": ({"rank": 8}, 3e-3),  # not searched in issue 3: LoRA's rate
     "hira": ({"rank": 8}, 1e-2),
     "colora": ({}, 3e-3),
+    "pissa": ({"rank": 8}, 3e-3),  # not searched: LoRA's rate (PiSSA on the 1x1 convs since issue 7)
+    "mona": ({}, 1e-2),  # not searched: the adapters' rate (added in issue 7)
     "adapter": ({"rank": 8}, 1e-2),
     "conv_adapter": ({"gamma": 32}, 1e-2),
     "lorand": ({}, 1e-2),
 }
 NOT_APPLICABLE = {
-    "pissa": "PEFT's PiSSA init needs Linear layers; EfficientNet-Lite0 has none in its blocks",
     "adaptformer": "needs a transformer MLP beside which to sit; EfficientNet-Lite0 has none",
     "vpt": "needs a token sequence (ViT-style backbone)",
     "fixed": "trains exactly what linear trains for classification (frozen backbone, the head)",

@@ -55,13 +55,13 @@ def added(model, method, **opts):
     return mslora.count_parameters(mslora.adapt(model, method, **opts))["adapter_params"]
 
 
-def test_vpt_counts_follow_seed003_table4():
+def test_vpt_counts_follow_rlrr_supp_table4():
     m, d, layers = 10, 64, 6  # test_vit: embed_dim 64, depth 6
     assert added(small("vit"), "vpt", num_tokens=m, deep=True) == m * d * layers  # VPT-Deep: m * D * L
     assert added(small("vit"), "vpt", num_tokens=m, deep=False) == m * d  # VPT-Shallow: m * D
 
 
-def test_rlrr_and_ssf_counts_follow_seed003_table4():
+def test_rlrr_and_ssf_counts_follow_rlrr_supp_table4():
     # Per Linear layer of shape (out, in) RLRR adds out + in + out (s_left, s_right, f) = 3 * D* for square
     # layers, and the fused qkv one s_right per q, k, v (the official code's separate layers); SSF adds 2 * out;
     # per LayerNorm both add 2 * C (scale, shift). RLRR's official layout also scales and shifts the final norm
@@ -78,7 +78,7 @@ def test_rlrr_and_ssf_counts_follow_seed003_table4():
     assert added(small("vit"), "rlrr", target_modules=r"blocks\.\d+\.attn\.proj", norms=False) == 6 * 3 * d
 
 
-def test_colora_counts_follow_seed004_table1():
+def test_colora_counts_follow_colora_supp_table1():
     from mslora.methods.colora import colora_pairs
 
     model = small("convnext")
@@ -100,7 +100,7 @@ def test_lora_counts():
     assert added(small("vit"), "lora", rank=4) == sum(4 * (m.in_features + m.out_features) for m in lin)
 
 
-def test_adapter_counts_follow_seed003_table4():
+def test_adapter_counts_follow_rlrr_supp_table4():
     d, r, layers = 64, 8, 6  # 2 * D * D' * L plus the biases (D' + D per layer)
     assert added(small("vit"), "adapter", rank=r) == 2 * d * r * layers + (r + d) * layers
 

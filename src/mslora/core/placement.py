@@ -336,7 +336,8 @@ def _describe(name: str, shapes: list, sizes: list[tuple[int, int]], model: nn.M
         if found is None:
             raise ValueError(f"cannot tell the channel axis of '{name}' (output {shapes[0]} at {sizes[0]}"
                              + (f", {shapes[1]} at {sizes[1]}" if len(shapes) == 2 else "") +
-                             "); pass layout='nchw' or 'nhwc' with target_modules")
+                             "): expected (B, C, H, W) or (B, H, W, C) with H, W following the input size; pass "
+                             "target_modules naming such modules, with layout='nchw' or 'nhwc'")
         return Layout(found), shape[1] if found == "nchw" else shape[3]
     if len(shape) == 3 and kind in ("auto", "tokens"):
         grid = _token_grid(shapes, sizes, model) if raster else None

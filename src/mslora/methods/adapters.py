@@ -1,7 +1,7 @@
 """Feature-space adapter baselines the papers compare against. None of them merges (each has a nonlinearity).
 Each is zero-initialised on its output side, so the adapted model starts as its backbone.
 
-- ``adapter`` (Houlsby et al. 2019; seed 003 supp. Table 4: 2 * D * D' * L): a bottleneck x + Up(GELU(Down(x)))
+- ``adapter`` (Houlsby et al., ICML 2019; RLRR (CVPR 2024) supp. Table 4: 2 * D * D' * L): a bottleneck x + Up(GELU(Down(x)))
   at the MSLoRA sites (after every block; inside ResNet bottlenecks), any layout.
 - ``adaptformer`` (Chen et al., NeurIPS 2022, Sec. 3.2 Eq. 4-5, as its released code runs it): a parallel
   bottleneck s * Up(ReLU(Down(x))), s = 0.1, reading the residual stream x that enters each block's MLP

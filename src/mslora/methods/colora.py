@@ -43,7 +43,7 @@ from mslora.registry import register
 
 @dataclass
 class CoLoRAConfig:
-    """Options of CoLoRA (seed 004)."""
+    """Options of CoLoRA (CoLoRA supplementary material, Sec. C-D and F)."""
 
     gamma: int = 16  # compression factor: total rank r = d // gamma per pair (supp. Table 8)
     shared_ratio: float = 0.5  # rs / (rs + rl): share of the rank in the cross-layer As, Bs (supp. Table 8)
