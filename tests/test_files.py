@@ -156,3 +156,25 @@ def test_weights_files_that_need_code_execution_are_refused(tmp_path):
     torch.save({"x": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="needs code execution to load .refused."):
         create_backbone("test_resnet", 3, weights=str(tmp_path / "evil.pth"))
+
+
+def test_version_2_files_load_with_their_old_tensor_names(adapter_file, tmp_path):
+    # Before issue 7 an adapter was a child of its site: 'layer1.0.act1.mslora.proj.weight'; now it lives in
+    # model.adapters: 'adapters.layer1_0_act1.proj.weight'. A version-2 file is read with its names translated.
+    from mslora.core.state import _digest
+
+    with safe_open(str(adapter_file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    sites = {"layer1_0_act1": "layer1.0.act1", "layer2_0_act1": "layer2.0.act1", "layer3_0_act2": "layer3.0.act2",
+             "layer4_0_act1": "layer4.0.act1"}
+    old = {}
+    for k, v in tensors.items():
+        if k.startswith("adapters."):
+            key, _, rest = k[len("adapters."):].partition(".")
+            k = f"{sites[key]}.mslora.{rest}"
+        old[k] = v
+    assert any(k.startswith("layer1.0.act1.mslora.") for k in old)
+    v2 = rewrite(adapter_file, tmp_path / "v2.safetensors", old, format="mslora.adapter/2", sha256=_digest(old))
+    model = mslora.load_adapter(make_model("resnet"), v2)
+    for k, v in tensors.items():
+        assert torch.equal(model.state_dict()[k], v)

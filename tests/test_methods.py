@@ -174,3 +174,62 @@ def test_conv_adapter_follows_tf_same_padding():
         plain = model(x)
         mslora.adapt(model, "conv_adapter", gamma=32)
         assert torch.equal(model(x), plain)
+
+
+def test_adaptformer_reads_the_residual_stream_and_adds_outside_drop_path():
+    # AdaptFormer's released code: x + DropPath(MLP(LN(x))) + s * Up(ReLU(Down(x))), x the stream entering the MLP.
+    model = make_model("vit").eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 16 + 3, 64)
+    kept = {}
+    h = block.norm2.register_forward_pre_hook(lambda _m, a: kept.setdefault("x", a[0]))
+    with torch.no_grad():
+        plain = block(x)
+    h.remove()
+    mslora.adapt(model, "adaptformer")
+    branch = model.adapters["blocks_0"]
+    torch.nn.init.normal_(branch.up.weight)
+    with torch.no_grad():
+        expected = plain + 0.1 * branch.up(torch.relu(branch.down(kept["x"])))
+        torch.testing.assert_close(block(x), expected)
+
+
+def test_mona_two_modules_per_transformer_block_one_per_cnn_block():
+    vit = mslora.adapt(make_model("vit"), "mona")
+    assert list(vit.adapters)[:2] == ["blocks_0_mona1", "blocks_0_mona2"] and len(vit.adapters) == 2 * 6
+    res = mslora.adapt(make_model("resnet"), "mona")
+    assert list(res.adapters) == ["layer1_0", "layer2_0", "layer3_0", "layer4_0"]
+    m = vit.adapters["blocks_0_mona2"]  # the released code's init
+    assert torch.equal(m.gamma, torch.full_like(m.gamma, 1e-6)) and m.project1.weight.std() < 0.03
+
+
+def test_rlrr_scales_q_k_v_apart_inside_the_fused_qkv():
+    model = mslora.adapt(make_model("vit"), "rlrr", init="official")
+    qkv = model.blocks[0].attn.qkv
+    rescale = qkv.parametrizations.weight[0]
+    assert rescale.s_right.shape == (3, 1, 64) and rescale.s_left.shape == (192, 1)
+    w0 = qkv.weight.detach().clone()
+    with torch.no_grad():
+        rescale.s_right[1] += 1.0  # k's right scale only
+    changed = (qkv.weight.detach() != w0).any(dim=1)
+    assert not changed[:64].any() and changed[64:128].all() and not changed[128:].any()
+
+
+def test_rlrr_on_cnns_uses_the_official_kernel_layout_and_leaves_batchnorm():
+    model = mslora.adapt(make_model("resnet"), "rlrr")
+    conv = model.layer1[0].conv1  # a 3x3 conv: the kernel is an (O k) x (I k) matrix, not O x (I k k)
+    o, i, k, _ = conv.parametrizations.weight.original.shape
+    rescale = conv.parametrizations.weight[0]
+    assert rescale.s_left.shape == (o * k, 1) and rescale.s_right.shape == (1, 1, i * k)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".bn" in n)
+    assert model.conv1[0].parametrizations.weight is not None  # the stem too (supp. Table 12 counts it)
+
+
+def test_colora_filter_builds_no_graph_and_passes_gradients_through():
+    from mslora.methods.colora import bilateral_filter, filtered
+
+    z = torch.randn(1, 4, 8, 8, requires_grad=True)
+    out = filtered(z)
+    torch.testing.assert_close(out, bilateral_filter(z.detach()))
+    out.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))  # identity for gradients: no graph through cos / sin
