@@ -132,3 +132,14 @@ def test_res2net_and_sk_resnet_sites_inside_blocks():
     assert res2[0].name == "layer1.0.conv3" and res2[0].on_input and res2[0].channels == 128
     sk = find_sites(timm.create_model("skresnet18"))
     assert sk[0].name == "layer1.0.conv2" and sk[0].on_input
+
+
+@pytest.mark.parametrize("method,name,match", [
+    ("conv_adapter", "test_vit", "beside spatial convolutions .* no Conv2d module of VisionTransformer is inside its blocks"),
+    ("colora", "test_vit", "colora adapts adjacent 1x1 layers .* VisionTransformer has none"),
+    ("adaptformer", "test_resnet", "adaptformer needs blocks with an MLP of Linear layers"),
+    ("vpt", "test_mambaout", "vpt does not apply to MambaOut"),
+])
+def test_methods_refuse_where_their_design_does_not_apply(method, name, match):
+    with pytest.raises(ValueError, match=match):
+        mslora.adapt(timm.create_model(name), method)

@@ -195,8 +195,8 @@ def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules:
         inside = lambda n: n.startswith(prefixes)  # noqa: E731
     names = [n for n, m in model.named_modules() if isinstance(m, types) and keep(m) and inside(n)]
     if not names:
-        raise ValueError(f"no {'/'.join(t.__name__ for t in types)} module of {type(model).__name__} matches "
-                         f"target_modules={target_modules!r}")
+        where = f"matches target_modules={target_modules!r}" if target_modules else "is inside its blocks"
+        raise ValueError(f"no {'/'.join(t.__name__ for t in types)} module of {type(model).__name__} {where}")
     return names
 
 

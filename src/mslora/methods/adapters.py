@@ -166,7 +166,10 @@ def apply_conv_adapter(model: nn.Module, cfg: ConvAdapterConfig) -> None:
         ValueError: no spatial convolution (e.g. a ViT; Conv-Adapter is a ConvNet method) or padding given as a
             string (timm 'same' padding is an explicit number here).
     """
-    names = modules_in_blocks(model, (nn.Conv2d,), cfg.target_modules, keep=lambda m: max(m.kernel_size) > 1)
+    try:
+        names = modules_in_blocks(model, (nn.Conv2d,), cfg.target_modules, keep=lambda m: max(m.kernel_size) > 1)
+    except ValueError as e:
+        raise ValueError(f"conv_adapter sits beside spatial convolutions (kernel > 1), a ConvNet method: {e}") from None
     for name in names:
         conv = model.get_submodule(name)
         if isinstance(conv.padding, str):
