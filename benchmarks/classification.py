@@ -143,7 +143,8 @@ def report() -> str:
         if f is None and d is None:
             continue
         r = f or d
-        cell = lambda x: f"{100 * x['test_top1_mean']:.1f} ± {100 * x['test_top1_std']:.1f} ({x['seeds']})" if x else "-"  # noqa: E731
+        # (n): the seeds averaged, collapsed ones left out (they are counted in their own column)
+        cell = lambda x: f"{100 * x['test_top1_mean']:.1f} ± {100 * x['test_top1_std']:.1f} ({x['seeds'] - x['collapsed']})" if x else "-"  # noqa: E731
         worst = lambda x: f"{100 * x['test_top1_min']:.1f}" if x else "-"  # noqa: E731
         collapsed = sum(x["collapsed"] for x in (f, d) if x)
         total = sum(x["seeds"] for x in (f, d) if x)

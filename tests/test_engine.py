@@ -178,6 +178,9 @@ def test_collapse_is_detected_from_the_history(folder):
     assert task.collapsed([{"train_loss": 1.0986, "val_top1": 0.9}] * 2) is None  # validation learnt: not collapsed
     assert "nan" in task.collapsed([{"train_loss": float("nan"), "val_top1": 0.3}])
     assert task.collapsed(stuck[:1]) is None  # one epoch is too early to say
+    # learnt in epoch 1, then fell to chance and stayed there (Mona on digits, seed 1, before this rule): collapsed
+    fell = [{"train_loss": 1.2, "val_top1": 0.8}, {"train_loss": 1.0986, "val_top1": 0.34}]
+    assert "the last validation top-1 is 0.340" in task.collapsed(fell)
 
 
 def test_the_engine_trains_a_task_it_does_not_know(folder, tmp_path):

@@ -108,17 +108,19 @@ class Classification(Task):
 
     def collapsed(self, history: list[dict[str, Any]]) -> str | None:
         """Collapsed: a non-finite training loss, or after two or more epochs a last-epoch training loss still at
-        90% of chance level ln(num_classes) or more while the best validation top-1 is at most twice chance."""
+        90% of chance level ln(num_classes) or more while the last epoch's validation top-1 is at most twice chance
+        (the model ended at chance, whatever an earlier epoch reached: a run that learnt in epoch 1 and then fell to
+        chance is collapsed)."""
         c = self.data.num_classes
         if not history:
             return None
         last = history[-1]["train_loss"]
         if not math.isfinite(last):
             return f"training loss is {last}"
-        best = max(h["val_top1"] for h in history)
-        if len(history) >= 2 and c > 1 and last >= 0.9 * math.log(c) and best <= 2.0 / c:
-            return (f"training loss {last:.3f} stayed at chance level ln({c}) = {math.log(c):.3f} and the best "
-                    f"validation top-1 is {best:.3f} (chance {1 / c:.3f})")
+        final = history[-1]["val_top1"]
+        if len(history) >= 2 and c > 1 and last >= 0.9 * math.log(c) and final <= 2.0 / c:
+            return (f"training loss {last:.3f} stayed at chance level ln({c}) = {math.log(c):.3f} and the last "
+                    f"validation top-1 is {final:.3f} (chance {1 / c:.3f})")
         return None
 
     def metadata(self) -> dict[str, Any]:
