@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mslora.core.inject import collect_handles, freeze_backbone, head_module, under
+from mslora.core.inject import collect_handles, freeze_backbone, head_module, keep_handle, under
+from mslora.core.layout import record_image_size
 from mslora.core.state import (
     Adaptation,
     adaptation,
@@ -61,6 +62,7 @@ def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
         if spec.freeze_backbone:
             freeze_backbone(model, list(head))
         replaced = spec.apply(model, cfg) or {}  # originals of backbone tensors the method rewrote (PiSSA)
+        keep_handle(model.register_forward_pre_hook(record_image_size))  # token grids of non-square images
     tensors = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     added = frozenset(n for n, t in tensors if id(t) not in before)
     if spec.freeze_backbone:  # some injectors (PEFT) freeze everything but their own parameters

@@ -12,9 +12,20 @@ Feature-space adapters (MSLoRA, Sec. 3) work on 2D maps. Backbones hand them thr
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+
+# (H, W) of the image the model is running on, set by a forward pre-hook on the adapted model (and by
+# mslora.features for timm's forward_intermediates): token grids of non-square images are read from it.
+IMAGE_SIZE: ContextVar[tuple[int, int] | None] = ContextVar("mslora_image_size", default=None)
+
+
+def record_image_size(module, args) -> None:
+    """Forward pre-hook on a model's root: remember the (H, W) of its input image for :class:`Layout`."""
+    if args and torch.is_tensor(args[0]) and args[0].ndim == 4:
+        IMAGE_SIZE.set(tuple(args[0].shape[-2:]))
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
 
@@ -26,8 +37,9 @@ class Layout:
     Attributes:
         kind: one of ``"nchw"``, ``"nhwc"``, ``"tokens"``.
         num_prefix_tokens: tokens layout only: leading tokens that are not patches.
-        grid_size: tokens layout only: (H, W) of the patch grid at the model's default input size; when the
-            patch count differs (another input size) a square grid is assumed.
+        grid_size: tokens layout only: (H, W) of the patch grid at the model's default input size.
+        stride: tokens layout only: input pixels per token along each side (measured), so that the grid of any
+            image, square or not, is (H / stride, W / stride); without it, another patch count is read as square.
         spatial: False when the features are not a 2D grid (see module doc).
     """
 
@@ -35,6 +47,7 @@ class Layout:
     num_prefix_tokens: int = 0
     grid_size: tuple[int, int] | None = None
     spatial: bool = True
+    stride: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -67,12 +80,19 @@ class Layout:
         return torch.cat([prefix, tokens], dim=1)  # (B, P + H*W, C), prefix first
 
     def _grid(self, n: int) -> tuple[int, int]:
+        """(H, W) of n patch tokens: from the current image size and the stride, else the default grid, else square."""
+        size = IMAGE_SIZE.get()
+        if size is not None and self.stride:
+            for rnd in (math.floor, math.ceil):
+                h, w = rnd(size[0] / self.stride), rnd(size[1] / self.stride)
+                if h * w == n:
+                    return h, w
         if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == n:
             return self.grid_size
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(
-                f"{n} patch tokens (after {self.num_prefix_tokens} prefix tokens) fit neither "
-                f"grid_size={self.grid_size} nor a square grid"
+                f"{n} patch tokens (after {self.num_prefix_tokens} prefix tokens) fit neither the image "
+                f"{size} at stride {self.stride}, grid_size={self.grid_size}, nor a square grid"
             )
         return side, side

@@ -340,17 +340,22 @@ def _describe(name: str, shapes: list, sizes: list[tuple[int, int]], model: nn.M
                              "target_modules naming such modules, with layout='nchw' or 'nhwc'")
         return Layout(found), shape[1] if found == "nchw" else shape[3]
     if len(shape) == 3 and kind in ("auto", "tokens"):
-        grid = _token_grid(shapes, sizes, model) if raster else None
-        prefix = grid[0] if grid else 0
-        return Layout("tokens", prefix, grid[1] if grid else None, spatial=grid is not None), shape[2]
+        found = _token_grid(shapes, sizes, model) if raster else None
+        if found is None:
+            return Layout("tokens", 0, None, spatial=False), shape[2]
+        prefix, grid, stride = found
+        return Layout("tokens", prefix, grid, stride=stride), shape[2]
     raise ValueError(f"module '{name}' outputs shape {shape}; expected (B, C, H, W), (B, H, W, C) or (B, N, C)")
 
 
-def _token_grid(shapes: list, sizes: list[tuple[int, int]], model: nn.Module) -> tuple[int, tuple[int, int]] | None:
-    """(prefix tokens P, patch grid at the default size) of a (B, N, C) site, or None when N is not P + grid.
+def _token_grid(shapes: list, sizes: list[tuple[int, int]], model: nn.Module
+                ) -> tuple[int, tuple[int, int], int | None] | None:
+    """(prefix tokens P, patch grid at the default size, stride in pixels or None) of a (B, N, C) site, or None when
+    N is not P + grid.
 
     Two sizes: N_i = P + (H_i W_i) / s^2 gives s and P. One size: the patch embedding's grid, else a square
-    grid after the model's prefix count (or after the fewest prefix tokens, at most 8, that leave a square).
+    grid after the model's prefix count (or after the fewest prefix tokens, at most 8, that leave a square); the
+    stride is then the input size over the grid where that divides.
     """
     n = [s[1] for s in shapes]
     if len(shapes) == 2 and n[0] != n[1]:
@@ -361,17 +366,19 @@ def _token_grid(shapes: list, sizes: list[tuple[int, int]], model: nn.Module) ->
             grid = (sizes[0][0] // s, sizes[0][1] // s)
             p = n[0] - grid[0] * grid[1]
             if p >= 0 and n[1] - (sizes[1][0] // s) * (sizes[1][1] // s) == p:
-                return p, grid
+                return p, grid, s
         return None
     # One size, or a model that resizes its input to a fixed size (CrossViT): N is read at the default size.
+    h = sizes[0][0]
+    stride = lambda g: h // g[0] if h % g[0] == 0 and len(shapes) == 1 else None  # noqa: E731
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if grid is not None and 0 <= n[0] - grid[0] * grid[1] <= 64:
-        return n[0] - grid[0] * grid[1], tuple(grid)
+        return n[0] - grid[0] * grid[1], tuple(grid), stride(grid)
     known = getattr(model, "num_prefix_tokens", None)
     for p in ([int(known)] if known is not None else []) + list(range(9)):  # the model's count, else the fewest
         side = math.isqrt(max(n[0] - p, 0))
         if side > 1 and side * side == n[0] - p:
-            return p, (side, side)
+            return p, (side, side), stride((side, side))
     return None
 
 
