@@ -1,0 +1,85 @@
+"""torchvision detectors (Faster / Mask R-CNN, RetinaNet, FCOS) on adapted timm backbones: losses, outputs,
+non-square images, a frozen backbone whose BatchNorm statistics do not move."""
+import pytest
+import timm
+import torch
+
+import mslora
+from mslora.detection import build_detector
+
+BACKBONES = {
+    "resnet": ("test_resnet", dict(zero_init_last=False)),
+    "vit": ("test_vit", dict(dynamic_img_size=True)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1, 1), num_heads=(1, 2, 2), img_size=64,
+                                                   window_size=4, strict_img_size=False)),
+}
+LOSSES = {
+    "fasterrcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+    "maskrcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_mask"},
+    "retinanet": {"classification", "bbox_regression"},
+    "fcos": {"classification", "bbox_regression", "bbox_ctrness"},
+}
+
+
+def scene(h=64, w=96):
+    """Two images with two boxed, masked objects each (non-square)."""
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for _ in range(2):
+        masks = torch.zeros(2, h, w, dtype=torch.uint8)
+        masks[0, 12:50, 10:40] = 1
+        masks[1, 20:60, 30:70] = 1
+        images.append(torch.rand(3, h, w, generator=g))
+        targets.append({"boxes": torch.tensor([[10.0, 12.0, 40.0, 50.0], [30.0, 20.0, 70.0, 60.0]]),
+                        "labels": torch.tensor([1, 2]), "masks": masks})
+    return images, targets
+
+
+def detector(backbone, kind, method="mslora", **opts):
+    name, kw = BACKBONES[backbone]
+    torch.manual_seed(0)
+    model = mslora.adapt(timm.create_model(name, num_classes=0, **kw), method, **opts)
+    return model, build_detector(model, kind, num_classes=3, min_size=64, max_size=96)
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_detector_trains_heads_and_adapters_only(backbone, kind):
+    model, det = detector(backbone, kind, rank=16)
+    frozen = {n: t.clone() for n, t in model.state_dict().items() if not n.startswith("adapters.")}
+    images, targets = scene()
+    opt = torch.optim.AdamW([p for p in det.parameters() if p.requires_grad], lr=1e-3)
+    det.train()
+    for _ in range(2):
+        losses = det(images, targets)
+        assert set(losses) == LOSSES[kind] and all(torch.isfinite(v) for v in losses.values())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    for n, t in model.state_dict().items():  # backbone weights and BatchNorm statistics
+        if n in frozen:
+            assert torch.equal(t, frozen[n]), n
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
+    assert all(p.requires_grad for n, p in det.named_parameters() if n.startswith(("backbone.fpn.", "rpn.", "roi_heads.", "head.")))
+    det.eval()
+    with torch.no_grad():
+        out = det(images[:1])[0]
+    assert {"boxes", "labels", "scores"} <= set(out) and out["boxes"].shape[-1] == 4
+    if kind == "maskrcnn":
+        assert out["masks"].shape[-2:] == (64, 96)
+
+
+@pytest.mark.parametrize("method,opts", [("lora", {}), ("rlrr", {}), ("fixed", {})])
+def test_weight_space_methods_and_the_fixed_backbone(method, opts):
+    model, det = detector("resnet", "retinanet", method, **opts)
+    images, targets = scene()
+    det.train()
+    sum(det(images, targets).values()).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    adapter = {n for n in model.mslora_adaptation.added}
+    assert (trained and trained <= adapter) if method != "fixed" else not trained
+
+
+def test_unknown_detector():
+    with pytest.raises(ValueError, match="detector='yolo' is not one of fasterrcnn, maskrcnn, retinanet, fcos"):
+        build_detector(timm.create_model("test_resnet"), "yolo", 3)
