@@ -1,0 +1,116 @@
+"""Semantic segmentation on an (adapted) timm backbone: UPerNet with an auxiliary FCN head, and mIoU.
+
+UPerNet (Xiao et al., "Unified Perceptual Parsing for Scene Understanding", ECCV 2018, Sec. 3 and Fig. 4), as
+mmsegmentation's ``UPerHead`` builds it: a pyramid pooling module (scales 1, 2, 3, 6) on the last map, an FPN
+(1x1 laterals, top-down sums, 3x3 output convs) over the stages, all levels upsampled to the finest, concatenated
+and fused by a 3x3 conv, then a 1x1 classifier; conv-BN-ReLU everywhere. The auxiliary FCN head reads the third
+map (stride 16) and its loss weighs 0.4 (CoLoRA supp. Sec. F; mmseg's ADE20K configs). Written here rather than
+taken from segmentation_models_pytorch, whose UPerNet decoder expects that library's own encoders' feature list
+(with an input-resolution entry) and would add a dependency for about sixty lines.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mslora.features import Features
+
+
+def _cbr(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UPerHead(nn.Module):
+    """UPerNet decoder: maps (B, C_i, H_i, W_i), finest first -> logits (B, num_classes, H_0, W_0)."""
+
+    def __init__(self, in_channels: list[int], num_classes: int, channels: int = 512,
+                 pool_scales: tuple[int, ...] = (1, 2, 3, 6)) -> None:
+        super().__init__()
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), _cbr(in_channels[-1], channels, 1))
+                                 for s in pool_scales)
+        self.bottleneck = _cbr(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+        self.laterals = nn.ModuleList(_cbr(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(_cbr(channels, channels, 3) for _ in in_channels[:-1])
+        self.fuse = _cbr(len(in_channels) * channels, channels, 3)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        top = maps[-1]
+        size = lambda t: t.shape[-2:]  # noqa: E731
+        pooled = [F.interpolate(p(top), size(top), mode="bilinear", align_corners=False) for p in self.ppm]
+        levels = [lat(m) for lat, m in zip(self.laterals, maps[:-1])] + [self.bottleneck(torch.cat([top, *pooled], 1))]
+        for i in range(len(levels) - 1, 0, -1):  # top-down pathway
+            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size(levels[i - 1]), mode="bilinear",
+                                                          align_corners=False)
+        outs = [conv(lv) for conv, lv in zip(self.fpn_convs, levels[:-1])] + [levels[-1]]
+        outs = [outs[0]] + [F.interpolate(o, size(outs[0]), mode="bilinear", align_corners=False) for o in outs[1:]]
+        return self.classifier(self.fuse(torch.cat(outs, 1)))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary FCN head: a 3x3 conv-BN-ReLU and a 1x1 classifier. (B, C, H, W) -> (B, num_classes, H, W)."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256) -> None:
+        super().__init__()
+        self.conv, self.classifier = _cbr(in_channels, channels, 3), nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.conv(x))
+
+
+class UPerNet(nn.Module):
+    """UPerNet over :class:`~mslora.features.Features` of a timm model, with an auxiliary FCN head on the third map.
+
+    ``forward(images)`` returns logits (B, num_classes, H, W) at the image size; in train mode with ``targets``
+    (B, H, W) class indices (``ignore_index`` ignored) it returns the loss dict ``{"loss_seg", "loss_aux"}``
+    (cross-entropy, the auxiliary one weighted by ``aux_weight``).
+
+    Raises:
+        ValueError: fewer than two feature maps (a plain ViT gets four from the simple feature pyramid).
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, channels: int = 512, aux_weight: float = 0.4,
+                 ignore_index: int = 255) -> None:
+        super().__init__()
+        self.backbone = Features(model)
+        chans = self.backbone.channels
+        if len(chans) < 2:
+            raise ValueError(f"UPerNet needs two or more feature maps; the backbone gives {len(chans)}")
+        self.decode_head = UPerHead(chans, num_classes, channels)
+        self.aux = len(chans) - 2 if len(chans) < 4 else 2  # the third map (stride 16 on 4-stage backbones)
+        self.auxiliary_head = FCNHead(chans[self.aux], num_classes, channels // 2)
+        self.aux_weight, self.ignore_index = aux_weight, ignore_index
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
+        maps = list(self.backbone(images).values())
+        size = images.shape[-2:]
+        logits = F.interpolate(self.decode_head(maps), size, mode="bilinear", align_corners=False)
+        if targets is None:
+            return logits
+        aux = F.interpolate(self.auxiliary_head(maps[self.aux]), size, mode="bilinear", align_corners=False)
+        ce = lambda x: F.cross_entropy(x, targets, ignore_index=self.ignore_index)  # noqa: E731
+        return {"loss_seg": ce(logits), "loss_aux": self.aux_weight * ce(aux)}
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+                     ) -> torch.Tensor:
+    """(num_classes, num_classes) counts, rows the true class, columns the predicted one; pixels whose target is
+    ``ignore_index`` (or outside [0, num_classes)) are left out. pred, target: integer tensors of one shape."""
+    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    idx = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(cm: torch.Tensor) -> dict[str, float]:
+    """mIoU, mean accuracy and pixel accuracy from a confusion matrix (mmseg's definitions: classes absent from
+    both the targets and the predictions are left out of the means)."""
+    cm = cm.double()
+    tp, gt, pr = cm.diag(), cm.sum(1), cm.sum(0)
+    union = gt + pr - tp
+    present = union > 0
+    iou = tp[present] / union[present]
+    acc = tp[gt > 0] / gt[gt > 0]
+    return {"mIoU": iou.mean().item() if present.any() else float("nan"),
+            "mAcc": acc.mean().item() if (gt > 0).any() else float("nan"),
+            "aAcc": (tp.sum() / cm.sum()).item() if cm.sum() > 0 else float("nan")}
