@@ -37,7 +37,7 @@ from torch import nn
 
 from mslora.core.inject import keep_handle, store
 from mslora.core.placement import blocks, family
-from mslora.core.reparam import NORMS
+from mslora.methods.baselines import apply_bitfit, apply_normtune
 from mslora.registry import register
 
 
@@ -114,7 +114,7 @@ class CoLoRAPair(nn.Module):
         rs = round(cfg.shared_ratio * r)
         rl = r - rs
         self.cfg, self.layers = cfg, (first, second)  # a tuple: not registered as submodules
-        self.dw, self.dw_layer = None, ()  # ConvNeXt: the depth-wise branch and (conv,), set by apply_colora
+        self.dw = None  # ConvNeXt: the depth-wise branch (DepthwiseBranch), set by apply_colora
         w = first.weight
         new = lambda *s: nn.Parameter(torch.zeros(*s, device=w.device, dtype=w.dtype))  # noqa: E731
         self.a1, self.b1, self.a2, self.b2 = new(d, rl), new(rl, d1), new(d1, rl), new(rl, d2)
@@ -260,14 +260,9 @@ def apply_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
         keep_handle(l2.register_forward_hook(_channel_last_hook(pair.delta2)))
         if dw is not None and cfg.depthwise:
             conv = model.get_submodule(dw)
-            pair.dw, pair.dw_layer = DepthwiseBranch(conv, cfg).to(conv.weight.device, conv.weight.dtype), (conv,)
+            pair.dw = DepthwiseBranch(conv, cfg).to(conv.weight.device, conv.weight.dtype)
             pair.dw.train(model.training)
             keep_handle(conv.register_forward_hook(_BranchHook(pair.dw)))
-    if cfg.bias_norm:
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias":
-                p.requires_grad_(True)
-        for m in model.modules():
-            if isinstance(m, NORMS):
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(True)
+    if cfg.bias_norm:  # bias-tune and norm-tune on top (the supplement's protocol)
+        apply_bitfit(model, None)
+        apply_normtune(model, None)

@@ -64,7 +64,10 @@ def _rlrr_targets(model: nn.Module, cfg: RLRRConfig) -> tuple[list[str], list[st
     outside_head = [(n, m) for n, m in model.named_modules() if n and not (n in head or under(n, head))]
     if any(isinstance(model.get_submodule(n), nn.Linear) for n in modules_in_blocks(model, (nn.Linear, nn.Conv2d))):
         layers = [n for n, m in outside_head if isinstance(m, nn.Linear)]
-        norms = modules_in_blocks(model, NORMS, keep=_affine) if cfg.norms else []
+        try:
+            norms = modules_in_blocks(model, NORMS, keep=_affine) if cfg.norms else []
+        except ValueError:  # blocks without affine norm layers
+            norms = []
         for final in ("norm", "fc_norm"):  # the final norm (timm ViTs with average pooling norm after it)
             m = getattr(model, final, None)
             if cfg.norms and isinstance(m, NORMS) and _affine(m):
