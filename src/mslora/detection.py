@@ -80,7 +80,7 @@ def build_detector(model: nn.Module, detector: str, num_classes: int, min_size: 
                 image_std=list(cfg.get("std", (0.229, 0.224, 0.225))), min_size=min_size, max_size=max_size)
     if detector in ("fasterrcnn", "maskrcnn"):
         backbone = FPNBackbone(model, extra="pool")
-        levels = [k for k in backbone.keep]
+        levels = backbone.keep
         anchors = AnchorGenerator(tuple((anchor_scale * s,) for s in backbone.strides),
                                   ((0.5, 1.0, 2.0),) * len(backbone.strides))
         box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2)

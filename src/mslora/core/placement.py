@@ -105,6 +105,11 @@ class Site:
     pre_norm: bool = False
     on_input: bool = False
 
+    @property
+    def mode(self) -> str:
+        """How :func:`mslora.core.inject.attach` hooks an adapter here: ``'input'`` or ``'output'``."""
+        return "input" if self.on_input else "output"
+
 
 def _regex(target_modules: str) -> re.Pattern:
     try:

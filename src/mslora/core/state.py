@@ -15,9 +15,8 @@ from torch import nn
 
 FORMAT = "mslora.adapter/3"  # 2: a sha256 of the tensors; 3: feature-space adapters under ``adapters.<site>``
 OLD_FORMATS = ("mslora.adapter/1", "mslora.adapter/2")  # still read; names translated by legacy_names()
-# Attribute under which versions 1-2 attached each method's module to its site (``<site>.<attr>.<tensor>``).
-_LEGACY_ATTRS = {"mslora": "mslora", "adapter": "adapter", "lorand": "lorand", "adaptformer": "adaptformer",
-                 "conv_adapter": "conv_adapter", "colora": "colora", "vpt": "vpt"}
+# Methods whose versions 1-2 attached a module named after the method to its site (``<site>.<method>.<tensor>``).
+_LEGACY_METHODS = frozenset(("mslora", "adapter", "lorand", "adaptformer", "conv_adapter", "colora", "vpt"))
 
 
 @dataclass(frozen=True)
@@ -174,9 +173,9 @@ def legacy_names(tensors: dict[str, torch.Tensor], method: str) -> dict[str, tor
     shapes that differ."""
     from mslora.core.inject import STORE, store_key
 
-    attr = _LEGACY_ATTRS.get(method)
-    if attr is None:
+    if method not in _LEGACY_METHODS:
         return tensors
+    attr = method
     out = {}
     for k, v in tensors.items():
         site, sep, rest = k.partition(f".{attr}.") if not k.startswith(f"{attr}.") else ("vpt", ".", k[len(attr) + 1:])

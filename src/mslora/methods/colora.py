@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mslora.core.inject import keep_handle, store
+from mslora.core.inject import AdapterHook, keep_handle, store
 from mslora.core.placement import blocks, family
 from mslora.methods.baselines import apply_bitfit, apply_normtune
 from mslora.registry import register
@@ -239,16 +239,6 @@ def merge_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
             layer.weight.copy_(new)
 
 
-class _BranchHook:
-    """Forward hook adding ``branch(input)`` to a layer's output (an object, so deepcopy hooks the copy's branch)."""
-
-    def __init__(self, branch: nn.Module) -> None:
-        self.branch = branch
-
-    def __call__(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
-        return out + self.branch(args[0])
-
-
 @register("colora", CoLoRAConfig, merge=merge_colora)
 def apply_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
     """Store a :class:`CoLoRAPair` per adapted block (``model.adapters``) and hook both layers (and the
@@ -262,7 +252,7 @@ def apply_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
             conv = model.get_submodule(dw)
             pair.dw = DepthwiseBranch(conv, cfg).to(conv.weight.device, conv.weight.dtype)
             pair.dw.train(model.training)
-            keep_handle(conv.register_forward_hook(_BranchHook(pair.dw)))
+            keep_handle(conv.register_forward_hook(AdapterHook(pair.dw, "parallel")))
     if cfg.bias_norm:  # bias-tune and norm-tune on top (the supplement's protocol)
         apply_bitfit(model, None)
         apply_normtune(model, None)

@@ -24,7 +24,7 @@ from torch import nn
 
 from mslora.core.inject import attach, attach_branch
 from mslora.core.layout import Layout
-from mslora.core.placement import blocks, find_sites
+from mslora.core.placement import find_sites
 from mslora.methods.mslora import spatial_only
 from mslora.registry import register
 
@@ -122,10 +122,9 @@ def apply_mona(model: nn.Module, cfg: MonaConfig) -> None:
     """
     sites = find_sites(model, cfg.target_modules, cfg.layout, inner=False)
     spatial_only(sites, "mona")
-    names = set(blocks(model)) if cfg.target_modules is None else set()
-    for site in sites:
+    for site in sites:  # without target_modules the sites are the blocks (inner=False)
         block = model.get_submodule(site.name)
-        if site.name in names and _two_per_block(block):
+        if cfg.target_modules is None and _two_per_block(block):
             attach_branch(model, f"{site.name}.mona1", Mona(site.channels, cfg, site.layout), site.name,
                           f"{site.name}.drop_path1")
             attach(model, site.name, Mona(site.channels, cfg, site.layout), key=f"{site.name}.mona2")

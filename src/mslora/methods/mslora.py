@@ -142,7 +142,7 @@ def apply_mslora(model: nn.Module, cfg: MSLoRAConfig) -> None:
         input_norm = cfg.input_norm if cfg.input_norm is not None else site.pre_norm
         module = MSLoRA(site.channels, cfg.rank, cfg.groups, cfg.kernel_sizes, cfg.enhance, cfg.global_pool,
                         cfg.gate, cfg.channel_shuffle, input_norm, cfg.zero_init, site.layout, site.name)
-        attach(model, site.name, module, "input" if site.on_input else "output")
+        attach(model, site.name, module, site.mode)
 
 
 def spatial_only(sites, method: str) -> None:
