@@ -16,6 +16,8 @@ BACKBONES = {
 LOSSES = {
     "fasterrcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
     "maskrcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_mask"},
+    "cascade_maskrcnn": {"loss_objectness", "loss_rpn_box_reg", "loss_mask",
+                         *(f"loss_{k}_s{t}" for k in ("classifier", "box_reg") for t in (1, 2, 3))},
     "retinanet": {"classification", "bbox_regression"},
     "fcos": {"classification", "bbox_regression", "bbox_ctrness"},
 }
@@ -65,7 +67,7 @@ def test_detector_trains_heads_and_adapters_only(backbone, kind):
     with torch.no_grad():
         out = det(images[:1])[0]
     assert {"boxes", "labels", "scores"} <= set(out) and out["boxes"].shape[-1] == 4
-    if kind == "maskrcnn":
+    if kind in ("maskrcnn", "cascade_maskrcnn"):
         assert out["masks"].shape[-2:] == (64, 96)
 
 
@@ -81,5 +83,29 @@ def test_weight_space_methods_and_the_fixed_backbone(method, opts):
 
 
 def test_unknown_detector():
-    with pytest.raises(ValueError, match="detector='yolo' is not one of fasterrcnn, maskrcnn, retinanet, fcos"):
+    with pytest.raises(ValueError, match="detector='yolo' is not one of fasterrcnn, maskrcnn, cascade_maskrcnn, retinanet"):
         build_detector(timm.create_model("test_resnet"), "yolo", 3)
+
+
+def test_cascade_first_stage_is_mask_rcnn():
+    """With Mask R-CNN's box head and classifier copied into stage 1, the RPN losses and the stage-1
+    classification loss equal Mask R-CNN's on the same batch and sampling seed; later stages sample at higher IoU
+    from the refined boxes, and the weighted stage losses follow 1 / 0.5 / 0.25."""
+    _, mask = detector("resnet", "maskrcnn", "fixed")
+    model, cascade = detector("resnet", "cascade_maskrcnn", "fixed")
+    cascade.backbone.load_state_dict(mask.backbone.state_dict())
+    cascade.rpn.load_state_dict(mask.rpn.state_dict())
+    cascade.roi_heads.box_heads[0].load_state_dict(mask.roi_heads.box_head.state_dict())
+    cascade.roi_heads.box_predictors[0]["cls_score"].load_state_dict(mask.roi_heads.box_predictor.cls_score.state_dict())
+    assert [m.high_threshold for m in cascade.roi_heads.matchers] == [0.5, 0.6, 0.7]
+    assert [c.weights for c in cascade.roi_heads.coders] == [(10., 10., 5., 5.), (20., 20., 10., 10.), (30., 30., 15., 15.)]
+    images, targets = scene()
+    mask.train(), cascade.train()
+    torch.manual_seed(1)
+    a = mask(images, targets)
+    torch.manual_seed(1)
+    b = cascade(images, targets)
+    for k in ("loss_objectness", "loss_rpn_box_reg"):
+        assert torch.allclose(a[k], b[k]), k
+    assert torch.allclose(a["loss_classifier"], b["loss_classifier_s1"])
+    assert not torch.allclose(b["loss_classifier_s1"], b["loss_classifier_s2"] / 0.5)

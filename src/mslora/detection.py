@@ -1,8 +1,11 @@
-"""Detectors on an (adapted) timm backbone from torchvision's detection parts: Faster R-CNN, Mask R-CNN, RetinaNet
-and FCOS, each with a feature pyramid network over :class:`mslora.features.Features`.
+"""Detectors on an (adapted) timm backbone from torchvision's detection parts: Faster R-CNN, Mask R-CNN, Cascade
+Mask R-CNN, RetinaNet and FCOS, each with a feature pyramid network over :class:`mslora.features.Features`.
 
 - Faster / Mask R-CNN (Ren et al., NeurIPS 2015; He et al., ICCV 2017): FPN levels at the backbone's strides plus
   a max-pooled level (torchvision's ``LastLevelMaxPool``), as torchvision's ``*_resnet50_fpn`` builds them.
+- Cascade Mask R-CNN (Cai & Vasconcelos, CVPR 2018 and TPAMI 2019; the MSLoRA paper's COCO detector, Sec. 4.5):
+  Mask R-CNN whose box branch is three stages (:class:`CascadeRoIHeads`); no installable framework has it here
+  (mmdet 3.x needs an mmcv without a build for this torch; detectron2 is not on PyPI).
 - RetinaNet (Lin et al., ICCV 2017; the MSLoRA paper's VOC detector, Sec. 4.5) and FCOS (Tian et al., ICCV 2019):
   FPN levels from stride 8 on plus P6 and P7 (``LastLevelP6P7``), as torchvision builds them.
 Anchor sizes follow the levels: ``anchor_scale`` x stride (torchvision's defaults are 8 x stride: 32 ... 512 px),
@@ -12,15 +15,21 @@ three octave scales per level for RetinaNet. Images are normalised with the back
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from mslora.features import Features
 
-DETECTORS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
+DETECTORS = ("fasterrcnn", "maskrcnn", "cascade_maskrcnn", "retinanet", "fcos")
 
 
 class FPNBackbone(nn.Module):
@@ -55,8 +64,93 @@ class FPNBackbone(nn.Module):
         return self.fpn({k: maps[k] for k in self.keep})
 
 
+class CascadeRoIHeads(RoIHeads):
+    """Cascade R-CNN's box branch with a mask head on its last stage, from torchvision's RoIHeads parts.
+
+    Three box stages (Cai & Vasconcelos, "Cascade R-CNN", CVPR 2018, Sec. 4 and Fig. 3d), each a two-layer MLP
+    head (``representation`` wide) with a classifier and a class-agnostic box regressor. Stage t samples its
+    training RoIs with IoU threshold ``ious[t]`` (0.5 / 0.6 / 0.7) from the boxes stage t-1 regressed (the RPN's
+    proposals for stage 1), encodes targets with box-coder weights ``coder_weights[t]`` ((10, 10, 5, 5),
+    (20, 20, 10, 10), (30, 30, 15, 15): mmdet's target stds 0.1/0.05/0.033 and 0.2/0.1/0.067), and its losses
+    (cross-entropy; smooth L1 with beta 1 over the sampled RoIs, as mmdet's cascade configs) weigh
+    ``stage_weights[t]`` (1, 0.5, 0.25). Inference: the class scores are the mean of the three stages' softmax
+    scores, the boxes those the last stage regresses (the paper's ensemble, Sec. 4.3). The mask head (torchvision's
+    Mask R-CNN head) trains on the last stage's positive RoIs and predicts on the final detections.
+
+    Differences from mmdet's ``cascade-mask-rcnn_r50_fpn``: mmdet has a mask head per stage (losses weighted like
+    the box losses, masks averaged at test); here one mask head on the last stage, loss weight 1. Losses are
+    named ``loss_classifier_s{t}``, ``loss_box_reg_s{t}`` (already weighted) and ``loss_mask``.
+
+    Built from a torchvision Mask R-CNN's ``roi_heads`` (its pools, sampler, mask head and test thresholds).
+    """
+
+    def __init__(self, base: RoIHeads, in_channels: int, num_classes: int, representation: int = 1024,
+                 ious: tuple[float, ...] = (0.5, 0.6, 0.7),
+                 coder_weights: tuple[tuple[float, ...], ...] = ((10., 10., 5., 5.), (20., 20., 10., 10.),
+                                                                  (30., 30., 15., 15.)),
+                 stage_weights: tuple[float, ...] = (1.0, 0.5, 0.25)) -> None:
+        nn.Module.__init__(self)
+        self.__dict__.update({k: v for k, v in vars(base).items() if not k.startswith("_")})  # thresholds, sampler
+        self._modules.update(base._modules)
+        n = len(ious)
+        if not len(coder_weights) == len(stage_weights) == n:
+            raise ValueError(f"ious, coder_weights and stage_weights must have one entry per stage; got "
+                             f"{len(ious)}, {len(coder_weights)}, {len(stage_weights)}")
+        size = base.box_roi_pool.output_size
+        size = size[0] * size[1] if isinstance(size, (tuple, list)) else size ** 2
+        self.box_heads = nn.ModuleList(TwoMLPHead(in_channels * size, representation) for _ in range(n))
+        self.box_predictors = nn.ModuleList(nn.ModuleDict({"cls_score": nn.Linear(representation, num_classes),
+                                                           "bbox_pred": nn.Linear(representation, 4)})
+                                            for _ in range(n))
+        del self.box_head, self.box_predictor
+        self.matchers = [Matcher(t, t, allow_low_quality_matches=False) for t in ious]
+        self.coders = [BoxCoder(w) for w in coder_weights]
+        self.stage_weights = stage_weights
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        losses, scores = {}, []
+        labels = matched = None
+        for t, (head, pred) in enumerate(zip(self.box_heads, self.box_predictors)):
+            self.proposal_matcher, self.box_coder = self.matchers[t], self.coders[t]
+            if self.training:
+                proposals, matched, labels, reg_targets = self.select_training_samples(proposals, targets)
+            x = head(self.box_roi_pool(features, proposals, image_shapes))
+            logits, deltas = pred["cls_score"](x), pred["bbox_pred"](x)
+            if self.training:
+                lab, reg = torch.cat(labels), torch.cat(reg_targets)
+                pos = lab > 0
+                w = self.stage_weights[t]
+                losses[f"loss_classifier_s{t + 1}"] = w * F.cross_entropy(logits, lab)
+                losses[f"loss_box_reg_s{t + 1}"] = w * F.smooth_l1_loss(
+                    deltas[pos], reg[pos], beta=1.0, reduction="sum") / max(lab.numel(), 1)
+            else:
+                scores.append(F.softmax(logits, -1))
+            if t < len(self.box_heads) - 1:  # the next stage starts from this one's boxes (no gradient through them)
+                boxes = self.box_coder.decode(deltas.detach(), proposals).reshape(-1, 4)
+                proposals = [clip_boxes_to_image(b, s) for b, s in zip(boxes.split([len(p) for p in proposals]),
+                                                                        image_shapes)]
+        result = []
+        if not self.training:
+            mean = torch.stack(scores).mean(0).clamp_min(1e-12).log()  # softmax(log p) = p in postprocessing
+            boxes, sc, lb = self.postprocess_detections(mean, deltas.repeat(1, mean.shape[-1]), proposals, image_shapes)
+            result = [{"boxes": b, "labels": c, "scores": s} for b, c, s in zip(boxes, lb, sc)]
+        if self.has_mask():
+            if self.training:
+                keep = [torch.where(lab > 0)[0] for lab in labels]
+                rois = [p[k] for p, k in zip(proposals, keep)]
+                logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, image_shapes)))
+                losses["loss_mask"] = maskrcnn_loss(logits, rois, [t["masks"] for t in targets],
+                                                    [t["labels"] for t in targets], [m[k] for m, k in zip(matched, keep)])
+            else:
+                rois = [r["boxes"] for r in result]
+                logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, image_shapes)))
+                for probs, r in zip(maskrcnn_inference(logits, [r["labels"] for r in result]), result):
+                    r["masks"] = probs
+        return result, losses
+
+
 def build_detector(model: nn.Module, detector: str, num_classes: int, min_size: int = 800, max_size: int = 1333,
-                   anchor_scale: int = 8, **kwargs) -> nn.Module:
+                   anchor_scale: int = 8, channels: int = 256, representation: int = 1024, **kwargs) -> nn.Module:
     """A torchvision detector over the (adapted) timm ``model``.
 
     Args:
@@ -65,6 +159,9 @@ def build_detector(model: nn.Module, detector: str, num_classes: int, min_size: 
         num_classes: object classes, background not counted (torchvision's R-CNNs get ``num_classes + 1``).
         min_size, max_size: torchvision's resize bounds for the shorter and longer image side, in pixels.
         anchor_scale: anchor size in units of the level's stride.
+        channels: width of the FPN levels, of the dense heads' convolutions (RetinaNet, FCOS) and of the mask
+            head (torchvision's default 256).
+        representation: width of the R-CNN box heads' two fully connected layers (torchvision's default 1024).
         **kwargs: passed to the torchvision detector (e.g. ``box_detections_per_img``).
 
     Returns:
@@ -78,19 +175,24 @@ def build_detector(model: nn.Module, detector: str, num_classes: int, min_size: 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     norm = dict(image_mean=list(cfg.get("mean", (0.485, 0.456, 0.406))),
                 image_std=list(cfg.get("std", (0.229, 0.224, 0.225))), min_size=min_size, max_size=max_size)
-    if detector in ("fasterrcnn", "maskrcnn"):
-        backbone = FPNBackbone(model, extra="pool")
+    if detector in ("fasterrcnn", "maskrcnn", "cascade_maskrcnn"):
+        backbone = FPNBackbone(model, channels, extra="pool")
         levels = backbone.keep
         anchors = AnchorGenerator(tuple((anchor_scale * s,) for s in backbone.strides),
                                   ((0.5, 1.0, 2.0),) * len(backbone.strides))
-        box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2)
+        box = dict(box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+                   box_head=TwoMLPHead(channels * 7 * 7, representation),
+                   box_predictor=FastRCNNPredictor(representation, num_classes + 1))
         if detector == "fasterrcnn":
-            return FasterRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=box_pool,
-                              **norm, **kwargs)
-        mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2)
-        return MaskRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=box_pool,
-                        mask_roi_pool=mask_pool, **norm, **kwargs)
-    backbone = FPNBackbone(model, extra="p6p7", min_stride=8)
+            return FasterRCNN(backbone, None, rpn_anchor_generator=anchors, **box, **norm, **kwargs)
+        det = MaskRCNN(backbone, None, rpn_anchor_generator=anchors, **box, **norm,
+                       mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+                       mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1),
+                       mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1), **kwargs)
+        if detector == "cascade_maskrcnn":
+            det.roi_heads = CascadeRoIHeads(det.roi_heads, channels, num_classes + 1, representation)
+        return det
+    backbone = FPNBackbone(model, channels, extra="p6p7", min_stride=8)
     if detector == "retinanet":
         sizes = tuple(tuple(round(anchor_scale / 2 * s * 2 ** (k / 3)) for k in range(3)) for s in backbone.strides)
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))

@@ -52,17 +52,22 @@ class Subset(Dataset):
         img, label = self.base[self.indices[i]]
         if self.transform is None:
             return img, int(label)
-        if seed is None:
-            return self.transform(img), int(label)
-        # torchvision v2 draws from torch's global CPU generator: seed it for this item, then put its state back
-        # (the generator's own calls: torch.manual_seed / fork_rng cost ~120 us an item, these ~4 us)
-        gen = torch.default_generator
-        state = gen.get_state()
-        gen.manual_seed(seed)
-        try:
-            return self.transform(img), int(label)
-        finally:
-            gen.set_state(state)
+        return seeded_call(seed, self.transform, img), int(label)
+
+
+def seeded_call(seed: int | None, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` with torch's global CPU generator seeded with ``seed`` (None: as it is), its state put back
+    after: torchvision v2 transforms draw from that generator, so an item's augmentation depends on ``seed`` alone.
+    (torch.manual_seed / fork_rng cost ~120 us an item, these ~4 us.)"""
+    if seed is None:
+        return fn(*args)
+    gen = torch.default_generator
+    state = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        return fn(*args)
+    finally:
+        gen.set_state(state)
 
 
 class EpochSampler(Sampler):
