@@ -37,6 +37,8 @@ def _field_help(cls: type) -> dict[str, str]:
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
     """One ``--name`` option per dataclass field, default SUPPRESS so only given flags appear."""
+    from mslora.engine.config import TASK_DEFAULTS, TrainConfig
+
     hints, helps = typing.get_type_hints(cls), _field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -47,6 +49,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = fro
             tp = next(a for a in args if a is not type(None))  # Optional[X] -> X
             args = typing.get_args(tp)
         default = f.default if f.default is not dataclasses.MISSING else None
+        by_task = {t: d[f.name] for t, d in TASK_DEFAULTS.items() if f.name in d} if cls is TrainConfig else {}
+        if default is None and by_task:
+            default = ", ".join(f"{t} {v}" for t, v in by_task.items())
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {default})")
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -128,9 +133,12 @@ def cmd_train(argv: list[str]) -> int:
     cfg = _train_config(argv)
     metrics, run = resume(cfg) if isinstance(cfg, str) else train(cfg)
     if PartialState().is_main_process:
-        keys = ("task", "method", "backbone", "trainable_params", "val_top1", "test_top1", "test_top5", "collapsed",
-                "seconds")
-        print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
+        keys = ("task", "method", "backbone", "trainable_params")
+        shown = {k: metrics[k] for k in keys if k in metrics}
+        shown.update({k: v for k, v in metrics.items() if k.startswith(("val_", "test_")) and isinstance(v, float)
+                      and (k.count("_") == 1 or k.endswith(("_AP", "_AP50")))})
+        shown.update({k: metrics[k] for k in ("collapsed", "seconds") if k in metrics})
+        print(json.dumps(shown))
         print(f"run directory: {run}")
         if metrics.get("collapsed"):
             print(f"mslora: warning: the run collapsed ({metrics['collapse_reason']}); metrics.json says "

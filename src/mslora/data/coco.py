@@ -20,7 +20,7 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six of COCOev
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """Images and targets of one COCO split: ``(image (3, H, W) float in [0, 1], target)`` with ``target`` holding
+    """Images and targets of one COCO split: ``(image (3, H, W) uint8, target)`` with ``target`` holding
     ``boxes`` (N, 4) xyxy float pixels, ``labels`` (N,) int64 in 1..K, ``masks`` (N, H, W) uint8, ``image_id``.
 
     Raises:
@@ -49,7 +49,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         img_id = self.ids[i]
         info = self.coco.loadImgs(img_id)[0]
-        image = np.asarray(Image.open(self.images / info["file_name"]).convert("RGB"), dtype=np.float32) / 255.0
+        with Image.open(self.images / info["file_name"]) as im:
+            image = np.asarray(im.convert("RGB")).copy()
         anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=img_id))
                 if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
@@ -62,10 +63,12 @@ class CocoDetection(torch.utils.data.Dataset):
         return torch.from_numpy(image).permute(2, 0, 1), target
 
 
-def coco_evaluate(coco_gt, detections: list[dict[str, Any]], iou_type: str = "bbox") -> dict[str, float]:
+def coco_evaluate(coco_gt, detections: list[dict[str, Any]], iou_type: str = "bbox",
+                  img_ids: list[int] | None = None) -> dict[str, float]:
     """COCO's evaluator (pycocotools ``COCOeval``) on ``detections`` in COCO's result format (``image_id``,
     ``category_id``, ``score``, and ``bbox`` [x, y, w, h] or ``segmentation`` RLE). Returns AP (IoU 0.50:0.95),
-    AP50, AP75, APs, APm, APl as fractions; every metric is 0.0 when there is no detection (COCOeval would fail)."""
+    AP50, AP75, APs, APm, APl as fractions, over ``img_ids`` (default every image of ``coco_gt``); None for a size
+    range without objects in the split; every metric is 0.0 when there is no detection (COCOeval would fail)."""
     from pycocotools.cocoeval import COCOeval
 
     if not detections:
@@ -73,7 +76,10 @@ def coco_evaluate(coco_gt, detections: list[dict[str, Any]], iou_type: str = "bb
     with contextlib.redirect_stdout(io.StringIO()):
         dt = coco_gt.loadRes(detections)
         ev = COCOeval(coco_gt, dt, iou_type)
+        if img_ids is not None:
+            ev.params.imgIds = sorted(img_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: max(float(v), 0.0) for k, v in zip(METRICS, ev.stats[:6])}  # -1 (no such objects) reads as 0
+    # COCOeval's -1 (the split has no objects of that size) becomes None: "not measured", not an AP of 0
+    return {k: float(v) if v >= 0 else None for k, v in zip(METRICS, ev.stats[:6])}

@@ -369,7 +369,7 @@ def detection_transform(train: bool) -> Callable:
             image, t = flip(tv_tensors.Image(image), t)
             target = {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
             image = image.as_subclass(torch.Tensor)
-        return image.float() / 255.0, target
+        return v2.functional.to_dtype(image, torch.float32, scale=True), target  # uint8 or float in, [0, 1] out
 
     return tf
 
@@ -389,12 +389,13 @@ def segmentation_transform(train: bool, size: int, mean, std, scale: tuple[float
 
         def tf(image, labels):
             image, labels = geo(tv_tensors.Image(image), tv_tensors.Mask(labels))
-            return norm(image.as_subclass(torch.Tensor).float() / 255.0), labels.as_subclass(torch.Tensor).long()
+            image = v2.functional.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True)
+            return norm(image), labels.as_subclass(torch.Tensor).long()
         return tf
     resize = v2.Resize(size, antialias=True)
 
     def tf_eval(image, labels):
-        return norm(resize(image).float() / 255.0), labels
+        return norm(v2.functional.to_dtype(resize(image), torch.float32, scale=True)), labels
 
     return tf_eval
 

@@ -345,8 +345,9 @@ def _fit(cfg: TrainConfig, task, acc, ddp, model: nn.Module, run: Path, resuming
                 if isinstance(v, (int, float)) and k not in ("epoch", "step"):
                     writer.add_scalar(f"epoch/{k}", v, epoch + 1)
             writer.flush()
-            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_%s %.4f  lr %.2e  %.0f img/s  peak mem %.0f MB",
-                     epoch + 1, cfg.epochs, record["train_loss"], val.get("loss", float("nan")), task.best_metric,
+            val_loss = f"  val_loss {val['loss']:.4f}" if "loss" in val else ""
+            log.info("epoch %d/%d  train_loss %.4f%s  val_%s %.4f  lr %.2e  %.0f img/s  peak mem %.0f MB",
+                     epoch + 1, cfg.epochs, record["train_loss"], val_loss, task.best_metric,
                      val[task.best_metric], record["lr"], images_s, mem)
         state["seconds"] = time.perf_counter() - t_start
         checkpoint()

@@ -23,6 +23,17 @@ MAIN_JOB_METHOD = "mslora"
 MAIN_JOB_METHOD_OPTIONS: dict[str, Any] = {"rank": 32}
 
 
+# Options whose default depends on the task (a field left at None takes these). classify: the main job's recipe.
+# detect / segment: the offline Fashion-MNIST scene runs of README 'Dense tasks' (256 px canvases, narrow necks and
+# heads so that a run fits 15 minutes on 2 CPU cores); the papers' own settings ship as configs/*.yaml.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classify": {"epochs": 20, "batch_size": 32, "lr": 5e-3, "warmup_epochs": 2, "img_size": 64},
+    "detect": {"epochs": 6, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "img_size": 256, "head_channels": 64,
+               "rois_per_image": 128, "anchor_scale": 4},
+    "segment": {"epochs": 6, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 1, "img_size": 256, "head_channels": 64},
+}
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. The training settings default to the main job's recipe; the method's
@@ -38,14 +49,18 @@ class TrainConfig:
     data: str = "fashion-mnist"  # 'fashion-mnist', a Fashion-MNIST idx directory, or an ImageFolder directory
     split: str = "1k"  # '1k' (800 train + 200 val drawn with split_seed, full test) or 'full'
     split_seed: int = 0  # seed of the train/val draw, fixed across training seeds like VTAB-1k's split
-    epochs: int = 20  # training epochs
-    batch_size: int = 32  # images per optimiser step over all processes (each of N processes gets 1/N)
-    lr: float = 5e-3  # peak learning rate of the trainable parameters (main job: chosen on validation)
+    epochs: int | None = None  # training epochs
+    batch_size: int | None = None  # images per optimiser step over all processes, each of N processes gets 1/N
+    lr: float | None = None  # peak learning rate of the trainable parameters (main job: chosen on validation)
     weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
-    warmup_epochs: int = 2  # linear warmup from lr/100, then cosine decay to 0 (per step)
+    warmup_epochs: int | None = None  # linear warmup from lr/100, then cosine decay to 0, per step
     clip_grad: float = 1.0  # clip the global gradient norm to this value (0: no clipping)
     head_init: str = "zero"  # new classifier head: 'zero' (weights and bias 0) or 'timm' (timm's own init)
-    img_size: int = 64  # training crop and evaluation size in pixels
+    img_size: int | None = None  # classify: crop and evaluation size; detect: shorter image side; segment: crop size; in pixels
+    detector: str = "maskrcnn"  # detect task: fasterrcnn, maskrcnn, cascade_maskrcnn, retinanet or fcos
+    anchor_scale: int | None = None  # detect task: anchor size in units of the FPN level's stride (torchvision: 8, i.e. 32 px at stride 4)
+    rois_per_image: int | None = None  # detect task, R-CNNs: RoIs sampled per image to train the box head (torchvision: 512)
+    head_channels: int | None = None  # detect / segment: width of the neck and heads, FPN or UPerNet channels
     output: str = "runs"  # parent directory of run directories
     seed: int = 0  # seed of initialisation, augmentation and batch order
     pretrained: bool = True  # load pretrained weights (offline package, else timm hub)
@@ -61,7 +76,11 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options, e.g. rank
 
     def __post_init__(self) -> None:
+        for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classify"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive.update({k: getattr(self, k) for k in ("head_channels", "rois_per_image", "anchor_scale") if getattr(self, k) is not None})
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")

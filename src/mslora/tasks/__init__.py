@@ -81,6 +81,7 @@ def get_task(name: str) -> type[Task]:
         ValueError: unknown task, naming the known ones.
     """
     import mslora.tasks.classify  # noqa: F401  (registers the built-in tasks)
+    import mslora.tasks.dense  # noqa: F401
     from mslora.registry import lookup
 
     return lookup(_TASKS, name, "task")
@@ -89,5 +90,6 @@ def get_task(name: str) -> type[Task]:
 def list_tasks() -> list[str]:
     """Names of the registered tasks, sorted."""
     import mslora.tasks.classify  # noqa: F401
+    import mslora.tasks.dense  # noqa: F401
 
     return sorted(_TASKS)

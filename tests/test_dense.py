@@ -1,0 +1,209 @@
+"""Dense tasks end to end: the scene set, the COCO / VOC / ADE20K readers and layout recognition, `--task detect`
+and `--task segment` on the engine, adapter files that rebuild the whole model, frozen BatchNorm under `full`."""
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mslora
+from mslora.data.dense import IGNORE, load_dense, recognise
+from mslora.data.scenes import write_scenes
+from mslora.engine import TrainConfig, evaluate_adapter, train
+from mslora.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """A tiny scene set: 3 'garment' classes of solid shapes, 8 / 4 / 4 images."""
+    root = tmp_path_factory.mktemp("scenes") / "s"
+    return write_scenes(root, *_garments(), ["square", "bar", "disc"], {"train": 8, "val": 4, "test": 4})
+
+
+def test_scene_set_is_deterministic_and_consistent(scenes, tmp_path):
+    d = json.loads((scenes / "annotations" / "instances_train2017.json").read_text())
+    assert [c["name"] for c in d["categories"]] == ["square", "bar", "disc"] and len(d["images"]) == 8
+    again = write_scenes(tmp_path / "again", *_garments(), ["square", "bar", "disc"], {"train": 8, "val": 4, "test": 4})
+    assert (again / "annotations" / "instances_train2017.json").read_text() == json.dumps(d)
+    det = load_dense(str(scenes), "detect")
+    seg = load_dense(str(scenes), "segment")
+    assert det.classes == ["square", "bar", "disc"] and seg.classes == ["background", "square", "bar", "disc"]
+    assert (len(det.train), len(det.val), len(det.test)) == (8, 4, 4)
+    _, t = det.train.base[0]
+    _, y = seg.train.base[0]
+    for m, c in zip(t["masks"], t["labels"]):  # the semantic map holds each instance's class on its pixels
+        assert (y[m.bool()] == c).all()
+    assert (y[t["masks"].sum(0) == 0] == 0).all()
+    sizes = [max(a["bbox"][2:]) for a in d["annotations"]]
+    assert min(sizes) < 40 and all(s <= 120 for s in sizes)
+
+
+def _garments():
+    """(train images, labels, test images, labels): squares, bars and discs as 28x28 'garments'."""
+    g = np.zeros((30, 28, 28), np.uint8)
+    g[0::3, 4:24, 4:24] = 220
+    g[1::3, 2:26, 10:18] = 220
+    for i in range(2, 30, 3):
+        yy, xx = np.mgrid[:28, :28]
+        g[i][(yy - 14) ** 2 + (xx - 14) ** 2 < 100] = 220
+    labels = np.arange(30) % 3
+    return g, labels, g, labels
+
+
+def _voc(root, objects, main=("train", "val"), seg=False):
+    """A VOC folder: one 32x48 image per entry of ``objects`` (list of (name, box, difficult))."""
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main", "ImageSets/Segmentation", "SegmentationClass"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = []
+    for k, objs in enumerate(objects):
+        stem = f"2007_{k:06d}"
+        ids.append(stem)
+        Image.fromarray(np.full((32, 48, 3), 20 * k, np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg")
+        ann = ET.Element("annotation")
+        size = ET.SubElement(ann, "size")
+        for t, v in (("width", 48), ("height", 32), ("depth", 3)):
+            ET.SubElement(size, t).text = str(v)
+        for name, (x1, y1, x2, y2), diff in objs:
+            o = ET.SubElement(ann, "object")
+            ET.SubElement(o, "name").text = name
+            ET.SubElement(o, "difficult").text = str(int(diff))
+            b = ET.SubElement(o, "bndbox")
+            for t, v in zip(("xmin", "ymin", "xmax", "ymax"), (x1, y1, x2, y2)):
+                ET.SubElement(b, t).text = str(v)
+        ET.ElementTree(ann).write(root / "Annotations" / f"{stem}.xml")
+        lbl = np.zeros((32, 48), np.uint8)
+        lbl[4:20, 4:20] = 15
+        lbl[0, :] = 255
+        png = Image.fromarray(lbl, mode="L").convert("P")
+        png.save(root / "SegmentationClass" / f"{stem}.png")
+    for split in main:
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_voc_detection_reader_honours_difficult_and_class_names(tmp_path):
+    objs = [[("dog", (5, 6, 20, 25), False), ("cat", (22, 3, 40, 30), True)]] * 10
+    root = _voc(tmp_path / "VOCdevkit" / "VOC2007", objs)
+    assert recognise(tmp_path, "detect") == ("voc", root)
+    data = load_dense(str(tmp_path), "detect")
+    assert len(data.classes) == 20 and data.classes[11] == "dog"  # VOC's own 20 names
+    assert (len(data.train), len(data.val), len(data.test)) == (9, 1, 10)  # no test.txt: val held out of train
+    _, t = data.train.base[0]
+    assert t["boxes"].tolist() == [[4.0, 5.0, 20.0, 25.0]] and t["labels"].tolist() == [12]  # difficult cat left out
+    gt = data.coco["test"][0]
+    assert sorted(a["iscrowd"] for a in gt.dataset["annotations"][:2]) == [0, 1]  # ignored by COCO's evaluator
+    (root / "classes.txt").write_text("dog\ncat\n")
+    assert load_dense(str(root), "detect").classes == ["dog", "cat"]
+    (root / "classes.txt").unlink()
+    _voc(tmp_path / "own", [[("widget", (1, 1, 9, 9), False)]] * 3)
+    assert load_dense(str(tmp_path / "own"), "detect").classes == ["widget"]  # names from the XML files
+
+
+def test_voc_segmentation_and_ade20k_labels(tmp_path):
+    _voc(tmp_path / "voc", [[("dog", (1, 1, 9, 9), False)]] * 4, main=("train", "val", "test"))
+    voc = load_dense(str(tmp_path / "voc"), "segment")
+    assert len(voc.classes) == 21 and len(voc.test) == 4
+    _, y = voc.train.base[0]
+    assert y[10, 10] == 15 and y[0, 0] == IGNORE and y[25, 40] == 0
+
+    ade = tmp_path / "ADEChallengeData2016"
+    for s in ("training", "validation"):
+        (ade / "images" / s).mkdir(parents=True)
+        (ade / "annotations" / s).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(ade / "images" / s / f"{k}.jpg")
+            lbl = np.full((20, 30), 3, np.uint8)
+            lbl[:5] = 0
+            Image.fromarray(lbl).save(ade / "annotations" / s / f"{k}.png")
+    data = load_dense(str(tmp_path), "segment")
+    _, y = data.train.base[0]
+    assert y[0, 0] == IGNORE and y[10, 10] == 2  # 0 ignored, the rest shifted down
+    assert data.classes == ["0", "1", "2"]  # no names shipped: the label values found
+    (ade / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\twall\n2\t0.1\t1\t1\tbuilding;edifice\n")
+    assert load_dense(str(tmp_path), "segment").classes == ["wall", "building"]
+
+
+def test_unrecognised_layout_names_what_it_looked_for(tmp_path):
+    with pytest.raises(ValueError, match=r"in no layout the 'segment' task reads: looked for .*instances_train2017"
+                                         r".*SegmentationClass.*images/training"):
+        load_dense(str(tmp_path), "segment")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dense(str(tmp_path / "nope"), "detect")
+
+
+def _cfg(task, data, tmp_path, **kw):
+    return TrainConfig(task=task, data=str(data), backbone="test_resnet", pretrained=False, epochs=2, batch_size=2,
+                       img_size=96, output=str(tmp_path), head_channels=16, **kw)
+
+
+@pytest.mark.parametrize("task,metric", [("detect", "bbox_AP"), ("segment", "mIoU")])
+def test_dense_task_trains_and_its_adapter_file_rebuilds_the_model(task, metric, scenes, tmp_path):
+    cfg = _cfg(task, scenes, tmp_path, method="mslora", method_options={"rank": 8, "groups": 1})
+    metrics, run = train(cfg)
+    keys = {"detect": ["bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl", "segm_AP"],
+            "segment": ["mIoU", "mAcc", "aAcc"]}[task]
+    assert all(metrics[f"test_{k}"] is None or 0.0 <= metrics[f"test_{k}"] <= 1.0 for k in keys)
+    assert metrics[f"val_{metric}"] >= 0.0
+    assert metrics["head_params"] > 0 and metrics["adapter_params"] > 0
+    assert metrics["trainable_params"] == metrics["head_params"] + metrics["adapter_params"]
+    again = evaluate_adapter(run)
+    assert {k: again[f"test_{k}"] for k in keys} == {k: metrics[f"test_{k}"] for k in keys}
+    # the rebuilt model is the trained one: same tensors, same outputs
+    t = get_task(task)(cfg)
+    torch.manual_seed(0)
+    rebuilt = t.build_model(adapter=run / "adapter.safetensors").eval()
+    tensors, _ = mslora.core.state.read_adapter(run / "adapter.safetensors")
+    assert any(k.startswith(("backbone.fpn.", "roi_heads.", "decode_head.")) for k in tensors)
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in tensors.items())
+
+
+def test_full_fine_tuning_keeps_backbone_batchnorm_statistics(scenes, tmp_path):
+    t = get_task("segment")(_cfg("segment", scenes, tmp_path, method="full"))
+    model = t.build_model()
+    t.set_transforms(model)
+    bn = {n: b.clone() for n, b in model.backbone.model.named_buffers() if "running" in n}
+    model.train()
+    x = torch.rand(2, 3, 64, 64)
+    sum(model(x, torch.zeros(2, 64, 64, dtype=torch.long)).values()).backward()
+    assert bn and all(torch.equal(b, dict(model.backbone.model.named_buffers())[n]) for n, b in bn.items())
+    assert all(p.grad is not None for p in model.backbone.model.parameters() if p.requires_grad and p.ndim == 4)
+
+
+def test_bad_detector_and_masks_on_voc_are_refused(scenes, tmp_path):
+    with pytest.raises(ValueError, match="detector='yolo' is not one of"):
+        get_task("detect")(_cfg("detect", scenes, tmp_path, detector="yolo"))
+    _voc(tmp_path / "voc", [[("dog", (1, 1, 9, 9), False)]] * 3)
+    with pytest.raises(ValueError, match="needs instance masks; the VOC detection layout has boxes only"):
+        get_task("detect")(_cfg("detect", tmp_path / "voc", tmp_path))
+    get_task("detect")(_cfg("detect", tmp_path / "voc", tmp_path, detector="retinanet"))
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "mona", "ssf", "bitfit", "vpt", "rlrr", "lora"])
+def test_every_adapter_family_under_a_detector_on_vit_and_swin(method):
+    """Feature-space, weight-space, prompt and bias methods under Faster R-CNN on random-init ViT and Swin."""
+    import timm
+
+    from mslora.detection import build_detector
+    from mslora.tasks.dense import lift_adaptation
+
+    for name, kw in (("test_vit", dict(dynamic_img_size=True)),
+                     ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1, 1), num_heads=(1, 2, 2),
+                                                           img_size=64, window_size=4, strict_img_size=False))):
+        if method == "vpt" and name.startswith("swin"):
+            continue  # VPT's prompts are tokens of a plain ViT
+        torch.manual_seed(0)
+        model = mslora.adapt(timm.create_model(name, num_classes=0, **kw), method)
+        det = lift_adaptation(build_detector(model, "fasterrcnn", 3, min_size=64, max_size=96, channels=16,
+                                             representation=32), model)
+        det.train()
+        images = [torch.rand(3, 64, 96), torch.rand(3, 64, 80)]
+        targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([1])}] * 2
+        sum(det(images, targets).values()).backward()
+        counts = mslora.count_parameters(det)
+        adapter = [p for n, p in det.named_parameters() if n in det.mslora_adaptation.added]
+        assert counts["adapter_params"] == sum(p.numel() for p in adapter) or method in ("bitfit", "ssf")
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in det.backbone.body.model.parameters()
+                   if p.requires_grad), (name, method)
