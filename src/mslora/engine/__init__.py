@@ -111,16 +111,27 @@ def _channels_last(batch: Any) -> Any:
 
 
 def _unused_trainable(task, model: nn.Module, batch: Any) -> list[str]:
-    """Trainable parameters that get no gradient from one backward pass (eval mode, RNG untouched)."""
+    """Trainable parameters that get no gradient from one backward pass. In train mode (detectors compute their
+    losses only then), with the RNG forked and every buffer (BatchNorm statistics) put back, so the run itself
+    is unchanged."""
     was = model.training
-    with torch.random.fork_rng(devices=[]):
-        model.eval()
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    with torch.random.fork_rng(devices=[_device_of(model)] if _device_of(model).type == "cuda" else []):
+        model.train()
         losses, _ = task.losses(model, batch)
         sum(losses.values()).backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
     model.train(was)
     return unused
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _run_dir(cfg: TrainConfig) -> Path:

@@ -80,7 +80,8 @@ class TrainConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
-        positive.update({k: getattr(self, k) for k in ("head_channels", "rois_per_image", "anchor_scale") if getattr(self, k) is not None})
+        dense = ("head_channels", "rois_per_image", "anchor_scale")
+        positive.update({k: getattr(self, k) for k in dense if getattr(self, k) is not None})
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")

@@ -144,10 +144,10 @@ class Detection(_Dense):
 
     def _head(self, model: nn.Module) -> nn.Module:
         c = self.cfg.head_channels
+        rcnn = {"box_batch_size_per_image": self.cfg.rois_per_image} if self.cfg.detector.endswith("rcnn") else {}
         return build_detector(model, self.cfg.detector, self.data.num_classes, min_size=self.cfg.img_size,
-                              max_size=round(self.cfg.img_size * 1333 / 800), channels=c, representation=4 * c, anchor_scale=self.cfg.anchor_scale,
-                              **({"box_batch_size_per_image": self.cfg.rois_per_image}
-                                 if self.cfg.detector.endswith("rcnn") else {}))
+                              max_size=round(self.cfg.img_size * 1333 / 800), anchor_scale=self.cfg.anchor_scale,
+                              channels=c, representation=4 * c, **rcnn)
 
     def set_transforms(self, model: nn.Module) -> None:
         """A horizontal flip in training; the detector resizes and normalises."""
