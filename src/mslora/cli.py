@@ -189,6 +189,9 @@ def cmd_merge(argv: list[str]) -> int:
     if "train_config" not in meta:
         raise ValueError(f"'{path}' holds no training config; merge it in Python with mslora.merge")
     cfg = TrainConfig.from_dict({**meta["train_config"], "workers": 0}, f"adapter file '{path}'")
+    if cfg.task != "classify":
+        raise ValueError(f"'{path}' adapts a {cfg.task} model (backbone + neck + heads); mslora merge writes a timm "
+                         "classifier checkpoint: merge the backbone in Python with mslora.merge")
     set_seed(cfg.seed)  # a random-init backbone is rebuilt as in training
     task = get_task(cfg.task)(cfg)
     model = mslora.merge(task.build_model(adapter=path))
@@ -235,13 +238,52 @@ def cmd_params(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params, "merge": cmd_merge}
+def cmd_bench(argv: list[str]) -> int:
+    """``mslora bench``: training and inference cost of methods on one backbone (:mod:`mslora.bench`); returns 0."""
+    from mslora.bench import bench
+
+    p = argparse.ArgumentParser(prog="mslora bench", description="Measure training step time, peak training memory, "
+                                "inference latency (merged too), parameters and GFLOPs of methods on one backbone "
+                                "(random init), methods interleaved in one process; reference rows: the frozen "
+                                "backbone (inference; forward + backward to the input), full fine-tuning, PEFT's LoRA.")
+    p.add_argument("--backbone", required=True, help="timm model name")
+    p.add_argument("--methods", default="mslora", help="comma-separated method names (default: mslora)")
+    p.add_argument("--img-size", type=int, default=224, help="image side in pixels (default: 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 autocast (default: fp32)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
+    p.add_argument("--steps", type=int, default=12, help="timed rounds; the median is reported (default: 12)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: 3)")
+    p.add_argument("--rank", type=int, help="rank of mslora (default: the main job's 32) and of lora / peft_lora")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    a = p.parse_args(argv)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    rank = {"mslora": {"rank": a.rank or 32}, **({"lora": {"rank": a.rank}} if a.rank else {})}
+    rows = bench(a.backbone, methods, a.img_size, a.batch_size, a.device, a.precision, a.channels_last, a.steps,
+                 a.warmup, rank, memory=not a.no_memory)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    full = next(r for r in rows if r["method"] == "full")
+    print("| method | train ms/step | vs full | infer ms | merged infer ms | peak train MB | trainable | GFLOPs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['method']} | {r['train_step_ms']:.1f} | {r['train_step_ms'] / full['train_step_ms']:.2f} | "
+              f"{r['infer_ms']:.1f} | {r['merged_infer_ms'] if r['merged_infer_ms'] is not None else '-'} | "
+              f"{r.get('peak_train_mem_mb', '-')} | {r['trainable_params']:,} | {r['gflops']:.2f} |")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params, "merge": cmd_merge, "bench": cmd_bench}
 USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
   train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
   eval     evaluate a trained adapter on its test split
   params   parameter counts of an adapted backbone, or the papers' tables (--paper)
-  merge    fold a trained adapter into its backbone and write a plain timm checkpoint"""
+  merge    fold a trained adapter into its backbone and write a plain timm checkpoint
+  bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ MAIN_JOB_METHOD_OPTIONS: dict[str, Any] = {"rank": 32}
 # heads so that a run fits 15 minutes on 2 CPU cores); the papers' own settings ship as configs/*.yaml.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classify": {"epochs": 20, "batch_size": 32, "lr": 5e-3, "warmup_epochs": 2, "img_size": 64},
-    "detect": {"epochs": 6, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "img_size": 256, "head_channels": 64,
+    "detect": {"epochs": 5, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "img_size": 256, "head_channels": 64,
                "rois_per_image": 128, "anchor_scale": 4},
     "segment": {"epochs": 6, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 1, "img_size": 256, "head_channels": 64},
 }

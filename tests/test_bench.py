@@ -1,0 +1,38 @@
+"""`mslora bench`: the rows, their keys and reference rows, merged inference for mergeable methods only."""
+import json
+
+import pytest
+import timm
+
+from mslora.bench import bench
+from mslora.cli import main
+
+KEYS = {"method", "backbone", "device", "dtype", "memory_format", "batch_size", "img_size", "train_step_ms",
+        "peak_train_mem_mb", "peak_mem_kind", "infer_ms", "infer_images_per_s", "merged_infer_ms", "trainable_params",
+        "total_params", "gflops"}
+
+
+def test_bench_rows_and_references():
+    rows = bench("test_resnet", ["mslora", "lora"], img_size=32, batch_size=2, steps=2, warmup=1,
+                 options={"mslora": {"rank": 8}})
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["backbone", "full", "mslora", "lora", "peft_lora"]
+    assert all(KEYS <= set(r) for r in rows)
+    assert by["backbone"]["trainable_params"] == 0 and by["full"]["trainable_params"] == by["full"]["total_params"]
+    head = sum(p.numel() for p in timm.create_model("test_resnet").get_classifier().parameters())
+    assert by["lora"]["trainable_params"] == by["peft_lora"]["trainable_params"] + head  # ours also trains the head
+    assert by["lora"]["merged_infer_ms"] is not None and by["mslora"]["merged_infer_ms"] is None
+    assert by["mslora"]["gflops"] > by["backbone"]["gflops"] > 0
+    assert all(r["train_step_ms"] > 0 and r["infer_ms"] > 0 for r in rows)
+    assert all(r["peak_mem_kind"] == "cpu_rss_growth" and r["peak_train_mem_mb"] >= 0 for r in rows)
+
+
+def test_bench_cli_json_and_errors(capsys):
+    assert main(["bench", "--backbone", "test_resnet", "--methods", "bitfit", "--img-size", "32", "--batch-size", "2",
+                 "--steps", "1", "--warmup", "0", "--no-memory", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["backbone", "full", "bitfit", "peft_lora"]
+    assert main(["bench", "--backbone", "test_resnet", "--methods", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        bench("test_resnet", ["bitfit"], precision="fp8")
