@@ -181,7 +181,8 @@ class DenseData:
     Attributes:
         layout: 'coco', 'voc' or 'ade20k'; classes: names in label order (detection: the K object classes, labels
             1..K; segmentation: every class including background where the layout has one, labels 0..K-1).
-        coco: detection only, split -> (pycocotools ground truth, category id of each label) for COCO's evaluator.
+        coco: detection only, split -> (pycocotools ground truth, category id of each label, the split's image
+            ids) for COCO's evaluator.
     """
 
     name: str
@@ -204,8 +205,7 @@ class DenseData:
 
 class Transformed(Dataset):
     """Items ``indices`` of a base dataset of (image, target) pairs with a joint transform; indexed by ``i`` or by
-    ``(i, seed)`` like :class:`mslora.data.Subset` (the augmentation drawn from ``seed`` alone). With ``coco``
-    set, targets carry the evaluator's ``image_id``."""
+    ``(i, seed)`` like :class:`mslora.data.Subset` (the augmentation drawn from ``seed`` alone)."""
 
     def __init__(self, base: Dataset, indices: list[int], transform: Callable | None = None) -> None:
         self.base, self.indices, self.transform = base, list(indices), transform
