@@ -150,6 +150,7 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
     Raises:
         ValueError: unknown backbone, method, device or precision.
     """
+    import mslora
     from mslora.core.state import count_parameters
     from mslora.registry import get_method
 
@@ -176,8 +177,6 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
     for row in rows:
         spec = None if row.method in REFERENCES else get_method(row.method)
         if spec is not None and not spec.merge_impossible and row.method != "full":
-            import mslora
-
             merged[row.method] = mslora.merge(copy.deepcopy(row.model))
     for r in range(warmup + steps):
         for row in rows:

@@ -110,13 +110,13 @@ def _channels_last(batch: Any) -> Any:
     return batch
 
 
-def _unused_trainable(task, model: nn.Module, batch: Any) -> list[str]:
+def _unused_trainable(task, model: nn.Module, batch: Any, device: torch.device) -> list[str]:
     """Trainable parameters that get no gradient from one backward pass. In train mode (detectors compute their
     losses only then), with the RNG forked and every buffer (BatchNorm statistics) put back, so the run itself
     is unchanged."""
     was = model.training
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    with torch.random.fork_rng(devices=[_device_of(model)] if _device_of(model).type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model.train()
         losses, _ = task.losses(model, batch)
         sum(losses.values()).backward()
@@ -127,11 +127,6 @@ def _unused_trainable(task, model: nn.Module, batch: Any) -> list[str]:
             b.copy_(buffers[n])
     model.train(was)
     return unused
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -242,7 +237,7 @@ def _fit(cfg: TrainConfig, task, acc, ddp, model: nn.Module, run: Path, resuming
     counts = mslora.count_parameters(model)
     if acc.num_processes > 1:
         probe = next(iter(train_loader))
-        unused = _unused_trainable(task, model.to(acc.device), send_to_device(probe, acc.device))
+        unused = _unused_trainable(task, model.to(acc.device), send_to_device(probe, acc.device), acc.device)
         if unused:
             ddp.find_unused_parameters = True
             if main:
