@@ -59,8 +59,10 @@ def build(backbone: str, method: str, img_size: int, options: dict[str, Any] | N
         from mslora.methods.peft_methods import LoRAConfig, _targets
 
         ours = LoRAConfig(**(options or {}))
-        return inject_adapter_in_model(LoraConfig(r=ours.rank, lora_alpha=ours.alpha,
-                                                  target_modules=_targets(model, ours)), model)
+        model = inject_adapter_in_model(LoraConfig(r=ours.rank, lora_alpha=ours.alpha,
+                                                   target_modules=_targets(model, ours)), model)
+        model.get_classifier().requires_grad_(True)  # trained by every method here, so rows compare alike
+        return model
     return mslora.adapt(model, method, **(options or {}))
 
 

@@ -252,7 +252,8 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 autocast (default: fp32)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format for model and input, as `mslora train` (default: on)")
     p.add_argument("--steps", type=int, default=12, help="timed rounds; the median is reported (default: 12)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: 3)")
     p.add_argument("--rank", type=int, help="rank of mslora (default: the main job's 32) and of lora / peft_lora")
