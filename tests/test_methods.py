@@ -2,6 +2,8 @@
 builds; identity at initialisation where the method has it; only the method's parameters change after
 optimiser steps; merged equals unmerged (eval mode) where mergeable, with the backbone's exact parameter
 count, and a clear error where not; the adapter file round trip is exact."""
+import copy
+
 import pytest
 import torch
 
@@ -233,3 +235,17 @@ def test_colora_filter_builds_no_graph_and_passes_gradients_through():
     torch.testing.assert_close(out, bilateral_filter(z.detach()))
     out.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))  # identity for gradients: no graph through cos / sin
+
+
+
+@pytest.mark.parametrize("backbone,method,opts", [("efficientnet", "rlrr", {"init": "official"}), ("vit", "ssf", {})])
+def test_merging_a_copy_leaves_the_original_working(backbone, method, opts):
+    model = mslora.adapt(make_model(backbone), method, **opts).eval()
+    x = sample_input(model)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.01 * torch.randn_like(p))  # an update that merging must carry
+        before = model(x)
+        merged = mslora.merge(copy.deepcopy(model))  # deepcopy shares torch's parametrized classes with the original
+        torch.testing.assert_close(merged(x), before, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(x), before)  # the original is still parametrized and still runs

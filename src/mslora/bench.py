@@ -5,11 +5,13 @@ Per row: training step time (forward, cross-entropy, backward, AdamW step; media
 rounds), peak training memory, inference latency (eval mode, no gradient) and throughput, inference latency after
 :func:`mslora.merge` for mergeable methods, trainable and total parameters, and forward GFLOPs at batch 1
 (``torch.utils.flop_counter``; one multiply-add counts 2). Reference rows:
-- ``backbone``: the bare frozen backbone: its inference, and as its training step the forward + backward to the
-  input (no weight gradients, no optimiser): the floor that any adapter inside the backbone pays;
+- ``backbone``: the bare frozen backbone (BatchNorm statistics frozen, as under every adapter): its inference, and
+  as its training step the forward + backward to the input (no weight gradients, no optimiser): the floor that any
+  adapter inside the backbone pays;
 - ``full``: full fine-tuning;
 - ``peft_lora``: Hugging Face PEFT's own LoRA (``inject_adapter_in_model``, rank 8 as ours) on the layers our
-  ``lora`` adapts, with PEFT's own freezing, to check that ours is no slower.
+  ``lora`` adapts, with PEFT's own freezing, the head trainable and BatchNorm statistics frozen as in ours, to
+  check that ours is no slower.
 
 Memory: on CUDA the allocator's peak during one training step (``torch.cuda.max_memory_allocated``, kind
 ``cuda_max_allocated``); on CPU the growth of the resident set over two training steps in a fresh process per row
@@ -51,17 +53,21 @@ def build(backbone: str, method: str, img_size: int, options: dict[str, Any] | N
     pcfg = timm.models.get_pretrained_cfg(backbone)
     kw = {"img_size": img_size} if pcfg is not None and pcfg.fixed_input_size else {}
     model = timm.create_model(backbone, pretrained=False, **kw)
-    if method == "backbone":
-        return model.requires_grad_(False)
+    if method == "backbone":  # frozen as every adapter sees it (BatchNorm statistics too), nothing to train
+        return mslora.adapt(model, "fixed").requires_grad_(False)
     if method == "peft_lora":
         from peft import LoraConfig, inject_adapter_in_model
 
+        from mslora.core.inject import _keep_eval
         from mslora.methods.peft_methods import LoRAConfig, _targets
 
         ours = LoRAConfig(**(options or {}))
         model = inject_adapter_in_model(LoraConfig(r=ours.rank, lora_alpha=ours.alpha,
                                                    target_modules=_targets(model, ours)), model)
-        model.get_classifier().requires_grad_(True)  # trained by every method here, so rows compare alike
+        model.get_classifier().requires_grad_(True)  # as ours: head trained, BatchNorm statistics frozen
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.register_forward_pre_hook(_keep_eval)
         return model
     return mslora.adapt(model, method, **(options or {}))
 

@@ -121,6 +121,17 @@ def merge_parametrizations(model: nn.Module) -> None:
         for m, n in targets:
             if not torch.isfinite(getattr(m, n)).all():
                 raise ValueError(f"merging {type(m).__name__}.{n} gives non-finite values; the adapter is not merged")
+    for m in {id(m): m for m, _ in targets}.values():
+        _private_class(m)
     for m, n in targets:
         parametrize.remove_parametrizations(m, n, leave_parametrized=True)
         getattr(m, n).requires_grad_(False)
+
+
+def _private_class(module: nn.Module) -> None:
+    """Give ``module`` its own copy of its parametrized class. ``copy.deepcopy`` shares that class between the copy
+    and the original, and ``remove_parametrizations`` deletes the tensor's property from the class, so merging a
+    copy would break the original (``'ParametrizedConv2d' object has no attribute 'weight'``)."""
+    cls = type(module)
+    attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, attrs)
