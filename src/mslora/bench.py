@@ -13,17 +13,18 @@ rounds), peak training memory, inference latency (eval mode, no gradient) and th
   ``lora`` adapts, with PEFT's own freezing, the head trainable and BatchNorm statistics frozen as in ours, to
   check that ours is no slower.
 
-Memory: on CUDA the allocator's peak during one training step (``torch.cuda.max_memory_allocated``, kind
-``cuda_max_allocated``); on CPU the growth of the resident set over two training steps in a fresh process per row
-(``ru_maxrss`` after the steps minus the resident set before them, kind ``cpu_rss_growth``): what training adds
-on top of the built model.
+Memory (:func:`peak_train_memory`): what two training steps of a freshly built row allocate on top of the model:
+activations kept for backward, gradients, optimiser state. On CUDA the allocator's peak
+(``torch.cuda.max_memory_allocated``, kind ``cuda_max_allocated``); on CPU torch's profiler's allocation events
+(kind ``cpu_allocator_profiler``). Both count tensors, not allocator caches.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import multiprocessing as mp
-import resource
+import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -116,17 +117,6 @@ class _Row:
         return (time.perf_counter() - t0) * 1e3
 
 
-def _cpu_memory(args: tuple) -> float:
-    """In a fresh process: resident-set growth in MB over two training steps of one row."""
-    backbone, method, options, img_size, batch_size, channels_last, precision = args
-    row = _Row(backbone, method, options, img_size, batch_size, torch.device("cpu"), channels_last)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    for _ in range(2):
-        row.train_step(_autocast("cpu", precision))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-
-
 def _autocast(device_type: str, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
@@ -212,21 +202,57 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
             "total_params": counts["total_params"] if counts else total,
             "gflops": round(gflops(row.model, img_size, dev), 3),
         })
+    del rows, merged
     if memory:
         for r in out:
-            r.update(_peak_memory(backbone, r["method"], options, img_size, batch_size, dev, channels_last,
-                                  precision, next(x for x in rows if x.method == r["method"]), autocast))
+            fresh = _Row(backbone, r["method"], options.get(r["method"] if r["method"] != "peft_lora" else "lora"),
+                         img_size, batch_size, dev, channels_last)
+            mb, kind = peak_train_memory(fresh, autocast)
+            r.update(peak_train_mem_mb=round(mb, 1), peak_mem_kind=kind)
+            del fresh
     return out
 
 
-def _peak_memory(backbone, method, options, img_size, batch_size, dev, channels_last, precision, row, autocast):
+def peak_train_memory(row: "_Row", autocast, steps: int = 2) -> tuple[float, str]:
+    """Peak memory in MB that ``steps`` training steps of a freshly built row allocate on top of its model
+    (activations kept for backward, gradients, optimiser state: the first step creates AdamW's), and its kind.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before (``cuda_max_allocated``). CPU:
+    torch's profiler with ``profile_memory=True``, the running sum of its allocation and free events in time
+    order (``cpu_allocator_profiler``): tensors only, not the allocator's cached or the process's other memory.
+    """
+    dev = row.device
     if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        row.train_step(autocast)
-        return {"peak_train_mem_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
-                "peak_mem_kind": "cuda_max_allocated"}
-    args = (backbone, method, options.get(method if method != "peft_lora" else "lora"), img_size, batch_size,
-            channels_last, precision)
-    with mp.get_context("spawn").Pool(1) as pool:
-        growth = pool.apply(_cpu_memory, (args,))
-    return {"peak_train_mem_mb": round(growth, 1), "peak_mem_kind": "cpu_rss_growth"}
+        before = torch.cuda.memory_allocated(dev)
+        for _ in range(steps):
+            row.train_step(autocast)
+        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20, "cuda_max_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(steps):
+            row.train_step(autocast)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    total = peak = 0
+    for _, nbytes in events:
+        total += nbytes
+        peak = max(peak, total)
+    return peak / 2**20, "cpu_allocator_profiler"
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 for the block: the profiler's C++ side prints start/stop lines there that no
+    setting turns off (``KINETO_LOG_LEVEL`` silences only some)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
