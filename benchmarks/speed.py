@@ -1,7 +1,8 @@
 """`mslora bench` over the issue-9 backbones: JSON rows and a markdown table of ratios against full fine-tuning.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py run [--device cpu] [--precision fp32]
-        [--no-channels-last] [--img-size 224] [--batch-size 8] [--steps 6] [--warmup 2] [BACKBONE ...]
+        [--no-channels-last] [--img-size 224] [--batch-size 8] [--steps 6] [--warmup 2]
+        [--methods mslora,lora,...] [--option mslora.grad_checkpointing=true] [BACKBONE ...]
     .venv/bin/python benchmarks/speed.py report
 
 Rows go to benchmarks/results/speed_<device>.json (appended per backbone, with the settings in each row). Run it
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
+
+import yaml
 
 BACKBONES = ("tf_efficientnet_lite0", "resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224",
              "vit_base_patch16_224")
@@ -25,9 +29,16 @@ def run(a: argparse.Namespace) -> None:
 
     path = RESULTS / f"speed_{a.device}.json"
     rows = json.loads(path.read_text()) if path.exists() else []
+    options: dict = {"mslora": {"rank": 32}}
+    for item in a.option:  # METHOD.KEY=VALUE, the value read as YAML (true, 4, [3, 5])
+        name, _, value = item.partition("=")
+        method, _, key = name.partition(".")
+        options.setdefault(method, {})[key] = yaml.safe_load(value)
     for backbone in a.backbones or BACKBONES:
-        new = bench(backbone, list(METHODS), a.img_size, a.batch_size, a.device, a.precision, a.channels_last,
-                    a.steps, a.warmup, options={"mslora": {"rank": 32}})
+        new = bench(backbone, a.methods.split(","), a.img_size, a.batch_size, a.device, a.precision,
+                    a.channels_last, a.steps, a.warmup, options=options)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        new = [{**r, "run": stamp} for r in new]  # ratios are read within one run
         rows += new
         path.write_text(json.dumps(rows, indent=1) + "\n")
         print(json.dumps(new), flush=True)
@@ -48,13 +59,15 @@ def report() -> None:
         print("| --- " * 11 + "|")
         groups: dict = {}
         for r in rows:
-            key = (r["backbone"], r["device"], r["memory_format"], r["dtype"], r["batch_size"], r["img_size"])
-            groups.setdefault(key, {})[r["method"]] = r  # a later run of the same setting replaces an earlier
-        for (backbone, _, fmt, dtype, batch, size), g in groups.items():
+            key = (r["backbone"], r["device"], r["memory_format"], r["dtype"], r["batch_size"], r["img_size"],
+                   r.get("run"))
+            label = r["method"] + "".join(f", {k}={v}" for k, v in r.get("options", {}).items() if k != "rank")
+            groups.setdefault(key, {})[label] = r
+        for (backbone, _, fmt, dtype, batch, size, _), g in groups.items():
             full, floor = g["full"], g["backbone"]
-            for r in g.values():
+            for label, r in g.items():
                 mem = r.get("peak_train_mem_mb")
-                print(f"| {backbone} | {fmt}, {dtype}, {batch}x{size}px | {r['method']} | {r['train_step_ms']:.0f} | "
+                print(f"| {backbone} | {fmt}, {dtype}, {batch}x{size}px | {label} | {r['train_step_ms']:.0f} | "
                       f"{_ratio(r['train_step_ms'], full['train_step_ms'])} | "
                       f"{_ratio(r['train_step_ms'], floor['train_step_ms'])} | {r['infer_ms']:.0f} | "
                       f"{_ratio(r['infer_ms'], floor['infer_ms'])} | {_ratio(r['merged_infer_ms'], floor['infer_ms'])} | "
@@ -73,6 +86,8 @@ if __name__ == "__main__":
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--steps", type=int, default=6)
     r.add_argument("--warmup", type=int, default=2)
+    r.add_argument("--methods", default=",".join(METHODS))
+    r.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE")
     sub.add_parser("report")
     args = p.parse_args()
     run(args) if args.cmd == "run" else report()

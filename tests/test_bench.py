@@ -6,7 +6,7 @@ import pytest
 from mslora.bench import bench
 from mslora.cli import main
 
-KEYS = {"method", "backbone", "device", "dtype", "memory_format", "batch_size", "img_size", "train_step_ms",
+KEYS = {"method", "options", "backbone", "device", "dtype", "memory_format", "batch_size", "img_size", "train_step_ms",
         "peak_train_mem_mb", "peak_mem_kind", "infer_ms", "infer_images_per_s", "merged_infer_ms", "trainable_params",
         "total_params", "gflops"}
 

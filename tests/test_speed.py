@@ -53,3 +53,25 @@ def test_weight_space_methods_compute_each_weight_once_per_step(method):
     loss = model(torch.randn(2, 3, 32, 32)).sum()
     loss.backward()
     assert len(calls) == n  # one evaluation per reparametrised tensor, forward and backward together
+
+
+def test_mslora_grad_checkpointing_same_gradients_less_saved():
+    torch.manual_seed(0)
+    plain = MSLoRA(16, 32, 4, zero_init=False)
+    ckpt = MSLoRA(16, 32, 4, zero_init=False, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 24, 24)
+
+    def run(m):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = m(x.clone().requires_grad_(True))
+        out.square().sum().backward()
+        return out, [p.grad for p in m.parameters()], sum(saved)
+
+    out, grads, saved = run(plain)
+    out_c, grads_c, saved_c = run(ckpt)
+    torch.testing.assert_close(out_c, out)
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g)
+    assert saved_c * 5 < saved  # the input alone against ~10 rank-32 maps

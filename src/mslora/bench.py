@@ -193,7 +193,8 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
         total = sum(p.numel() for p in row.model.parameters())
         infer = statistics.median(row.infer_ms)
         out.append({
-            "method": row.method, "backbone": backbone, "device": str(dev), "dtype": precision,
+            "method": row.method, "options": options.get(row.method if row.method != "peft_lora" else "lora") or {},
+            "backbone": backbone, "device": str(dev), "dtype": precision,
             "memory_format": fmt, "batch_size": batch_size, "img_size": img_size,
             "train_step_ms": round(statistics.median(row.train_ms), 2),
             "infer_ms": round(infer, 2), "infer_images_per_s": round(batch_size / infer * 1e3, 1),

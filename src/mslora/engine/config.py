@@ -68,7 +68,7 @@ class TrainConfig:
     drop_path_rate: float = 0.0  # stochastic depth of the backbone, active during training (Sec. 4.1)
     device: str = "auto"  # auto (CUDA when present), cpu, cuda or mps
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler; CUDA only)
-    channels_last: bool = True  # channels-last (NHWC) memory format for the model and its 4-D inputs: faster on CPU and GPU (benchmarks/speed.py)
+    channels_last: bool = True  # channels-last (NHWC) memory format for the model and its 4-D inputs (faster on CPU: README "Speed and memory")
     grad_accum: int = 1  # batches accumulated per optimiser step (the step's batch is batch_size * grad_accum)
     workers: int | None = None  # DataLoader worker processes (default: 0 on CPU, up to 8 per GPU process)
     ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at the end of every epoch only)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from timm.layers import LayerNorm2d
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mslora.core.inject import attach
 from mslora.core.placement import find_sites
@@ -38,6 +39,7 @@ class MSLoRAConfig:
     zero_init: bool = True  # zero up-projection, so the adapted model equals its backbone at initialisation
     target_modules: str | None = None  # regex over module names overriding the automatic placement
     layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
+    grad_checkpointing: bool = False  # recompute each module's activations in backward: less memory, more time
 
     def __post_init__(self) -> None:
         self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
@@ -88,7 +90,9 @@ class MSLoRA(nn.Module):
     """The MSLoRA module (Fig. 2, Eq. 1-3): F' = F + Up(Proj(F) * Trans(F)).
 
     Input and output have the same shape, in ``layout`` ((B, C, H, W), (B, H, W, C) or tokens (B, P + H*W, C)
-    whose P prefix tokens pass through unchanged).
+    whose P prefix tokens pass through unchanged). ``grad_checkpointing``: while gradients are recorded, keep only
+    the input for backward and recompute H(F) there (same values and gradients; about 10 rank-D maps per module
+    not kept, one more forward of the module paid).
 
     Raises:
         ValueError: ``groups`` does not divide ``in_channels`` or ``rank``; bad ``kernel_sizes``.
@@ -96,7 +100,8 @@ class MSLoRA(nn.Module):
 
     def __init__(self, in_channels: int, rank: int = 128, groups: int = 4, kernel_sizes: tuple[int, ...] = (3, 5, 7),
                  enhance: bool = True, global_pool: bool = False, gate: bool = False, channel_shuffle: bool = False,
-                 input_norm: bool = False, zero_init: bool = True, layout: Layout = Layout(), name: str = "") -> None:
+                 input_norm: bool = False, zero_init: bool = True, layout: Layout = Layout(), name: str = "",
+                 grad_checkpointing: bool = False) -> None:
         super().__init__()
         where = f" of {name}" if name else ""
         if in_channels % groups:
@@ -104,7 +109,7 @@ class MSLoRA(nn.Module):
                              "every site's channel count (groups=1 always does)")
         if rank % groups:
             raise ValueError(f"groups={groups} must divide rank={rank}")
-        self.layout = layout
+        self.layout, self.grad_checkpointing = layout, grad_checkpointing
         self.norm = LayerNorm2d(in_channels) if input_norm else nn.Identity()  # pre-norm backbones (Sec. 4.1)
         self.proj = nn.Conv2d(in_channels, rank, 1, groups=groups)  # linear branch Proj (Sec. 3.1)
         self.trans = MultiScaleTransform(in_channels, rank, groups, kernel_sizes, enhance, global_pool, gate)
@@ -114,11 +119,20 @@ class MSLoRA(nn.Module):
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f, prefix = self.layout.to_2d(x)  # (B, C, H, W)
+    def update(self, f: torch.Tensor) -> torch.Tensor:
+        """H(F) = Up(Proj(F) * Trans(F)) of Eq. 1: (B, C, H, W) -> (B, C, H, W)."""
         h = self.norm(f)
         h = self.proj(h) * self.trans(h)  # (B, D, H, W): attention reweighting, Eq. 1
-        h = self.up(self.shuffle(h))  # (B, C, H, W)
+        return self.up(self.shuffle(h))  # (B, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, prefix = self.layout.to_2d(x)  # (B, C, H, W)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # Keep only F for backward and recompute the rank-D maps there (torch.utils.checkpoint): on early,
+            # high-resolution sites those maps outweigh full fine-tuning's gradients and optimiser state.
+            h = checkpoint(self.update, f, use_reentrant=False)
+        else:
+            h = self.update(f)
         return self.layout.from_2d(f + h, prefix)  # residual, F' = F + H(F)
 
 
@@ -141,7 +155,8 @@ def apply_mslora(model: nn.Module, cfg: MSLoRAConfig) -> None:
     for site in sites:
         input_norm = cfg.input_norm if cfg.input_norm is not None else site.pre_norm
         module = MSLoRA(site.channels, cfg.rank, cfg.groups, cfg.kernel_sizes, cfg.enhance, cfg.global_pool,
-                        cfg.gate, cfg.channel_shuffle, input_norm, cfg.zero_init, site.layout, site.name)
+                        cfg.gate, cfg.channel_shuffle, input_norm, cfg.zero_init, site.layout, site.name,
+                        cfg.grad_checkpointing)
         attach(model, site.name, module, site.mode)
 
 
