@@ -30,7 +30,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-SPLITS = ("1k", "full")
+SPLITS = ("1k", "full", "trainval")
 
 
 class Subset(Dataset):
@@ -106,6 +106,7 @@ class ClassificationData:
     train: Subset
     val: Subset
     test: Subset
+    val_in_train: bool = False  # VTAB-1k's train800val200 protocol: validation images are trained on
 
     @property
     def num_classes(self) -> int:
@@ -177,36 +178,77 @@ def _split(train_pool: list[int], val_pool: list[int] | None, split: str, seed: 
     return train, val
 
 
-def load_classification(data: str, split: str = "1k", split_seed: int = 0) -> ClassificationData:
-    """Load a classification source (see module doc) and split it.
+def load_classification(data: str, split: str = "1k", split_seed: int = 0,
+                        data_format: str | None = None) -> ClassificationData:
+    """Load a classification source (see module doc and :mod:`mslora.data.formats`) and split it.
+
+    ``data_format`` forces a format (:data:`mslora.data.formats.FORMATS`); by default it is recognised from the
+    files found. ``split='trainval'`` exists for VTAB-1k only (train800val200, the RLRR protocol).
 
     Raises:
-        ValueError: unknown split, a path that holds no images, or too few images to split.
-        FileNotFoundError: the path (or the Fashion-MNIST files) does not exist.
+        ValueError: unknown split or format, a path in no recognised format (naming the files looked for), a
+            malformed list, or too few images to split.
+        FileNotFoundError: the path (or the Fashion-MNIST files, or a list file a format needs) does not exist.
     """
+    from mslora.data import formats
+
     if split not in SPLITS:
         raise ValueError(f"split='{split}' is not one of {', '.join(SPLITS)}")
+    if data_format is not None and data_format not in formats.FORMATS:
+        raise ValueError(f"data_format='{data_format}' is not one of {', '.join(formats.FORMATS)}")
     path = Path(os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR)) if data == "fashion-mnist" else Path(data)
     if not path.exists():
         hint = " (install Debian's dataset-fashion-mnist or set FASHION_MNIST_DIR)" if data == "fashion-mnist" else ""
         raise FileNotFoundError(f"data path '{path}' does not exist{hint}")
-    if not path.is_dir():
-        raise ValueError(f"data path '{path}' is not a directory (expected an image folder or Fashion-MNIST idx files)")
-    if _is_idx_dir(path):
+    fmt = data_format or ("fashion-mnist" if path.is_dir() and _is_idx_dir(path) else formats.recognise(path))
+    if fmt is None and path.is_dir():
+        fmt = "imagefolder"
+    if fmt is None:
+        raise ValueError(f"data path '{path}' is in no format mslora reads; looked for {formats.LOOKED_FOR}")
+    if split == "trainval" and fmt != "vtab1k":
+        raise ValueError(f"split='trainval' is VTAB-1k's train800val200 protocol, but '{path}' is {fmt} data")
+    if fmt == "fashion-mnist":
         root = _fashion_mnist_root(path)
         train_base = datasets.FashionMNIST(str(root), train=True, download=False)
         test_base = datasets.FashionMNIST(str(root), train=False, download=False)
         train, val = _split(list(range(len(train_base))), None, split, split_seed)
         return ClassificationData("fashion-mnist", list(train_base.classes), Subset(train_base, train),
                                   Subset(train_base, val), Subset(test_base, range(len(test_base))))
-    return _image_folder(path, split, split_seed)
+    if fmt == "imagefolder":
+        return _image_folder(path, split, split_seed)
+    if fmt == "vtab1k":
+        if split == "full":
+            raise ValueError(f"split='full' does not apply to VTAB-1k data ('{path}'): use 1k or trainval")
+        pools, classes = formats.vtab1k(path, split, load_rgb)
+        return ClassificationData(path.name, classes, *(Subset(pools[s], range(len(pools[s])))
+                                                         for s in ("train", "val", "test")), val_in_train=split == "trainval")
+    pools, classes = (formats.fgvc(path, load_rgb) if fmt == "fgvc" else formats.csv_pools(path, load_rgb)
+                      if fmt == "csv" else formats.torchvision_pools(fmt, path))
+    return _from_pools(path.stem, classes, pools, split, split_seed)
+
+
+def _from_pools(name: str, classes: list[str], pools: dict, split: str, seed: int) -> ClassificationData:
+    """Split train / val / test pools (val or test may be None: held out of train, 15% each when test is)."""
+    tr, va, te = pools["train"], pools.get("val"), pools.get("test")
+    train_pool = list(range(len(tr)))
+    if te is None:  # a single list: seeded 70 / 15 / 15 as for a folder without split sub-folders
+        order = torch.randperm(len(tr), generator=torch.Generator().manual_seed(seed)).tolist()
+        k = max(1, round(0.15 * len(tr)))
+        test_idx, val_pool, train_pool = order[:k], order[k:2 * k], order[2 * k:]
+        train, val = _split(train_pool, val_pool, split, seed)
+        return ClassificationData(name, classes, Subset(tr, train), Subset(tr, val), Subset(tr, test_idx))
+    train, val = _split(train_pool, list(range(len(va))) if va is not None else None, split, seed)
+    return ClassificationData(name, classes, Subset(tr, train), Subset(va if va is not None else tr, val),
+                              Subset(te, range(len(te))))
 
 
 def _folder(path: Path) -> datasets.ImageFolder:
     try:
         return datasets.ImageFolder(str(path), loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"data path '{path}' holds no images ({e}); expected class sub-folders of images") from None
+        from mslora.data.formats import LOOKED_FOR
+
+        raise ValueError(f"data path '{path}' holds no images ({e}); looked for {LOOKED_FOR}") from None
 
 
 def _image_folder(path: Path, split: str, seed: int) -> ClassificationData:

@@ -340,7 +340,7 @@ def _fit(cfg: TrainConfig, task, acc, ddp, model: nn.Module, run: Path, resuming
                   "images_per_s": round(images_s, 1), "peak_mem_mb": round(mem, 1), "peak_mem_kind": mem_kind}
         state["history"].append(record)
         state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, seen=0)
-        if val[task.best_metric] > state["best_value"]:
+        if val[task.best_metric] > state["best_value"] or task.keep_last:
             state["best_epoch"], state["best_value"] = epoch + 1, val[task.best_metric]
             if main:
                 atomic_write(best_path, lambda tmp: mslora.save_adapter(bare, tmp, meta))

@@ -47,7 +47,8 @@ class TrainConfig:
     backbone: str = "tf_efficientnet_lite0"  # timm model name
     method: str = MAIN_JOB_METHOD  # registered method (mslora.list_methods())
     data: str = "fashion-mnist"  # 'fashion-mnist', a Fashion-MNIST idx directory, or an ImageFolder directory
-    split: str = "1k"  # '1k' (800 train + 200 val drawn with split_seed, full test) or 'full'
+    data_format: str | None = None  # force the data format (mslora.data.formats.FORMATS); default: from the files
+    split: str = "1k"  # '1k' (800 train + 200 val, full test), 'full', or 'trainval' (VTAB-1k's train800val200)
     split_seed: int = 0  # seed of the train/val draw, fixed across training seeds like VTAB-1k's split
     epochs: int | None = None  # training epochs
     batch_size: int | None = None  # images per optimiser step over all processes, each of N processes gets 1/N

@@ -23,10 +23,13 @@ class Task:
         datasets: ``{"train": ..., "val": ..., "test": ...}`` map-style datasets, indexed by ``(index, seed)``
             (see :class:`mslora.data.EpochSampler`).
         collate_fn: DataLoader collate function, or None for PyTorch's default.
+        keep_last: keep the last epoch instead of the best on validation (the validation images were trained on,
+            as in VTAB-1k's train800val200 protocol).
     """
 
     best_metric: str = ""
     collate_fn: Callable | None = None
+    keep_last: bool = False
     datasets: dict[str, Dataset]
 
     def build_model(self, adapter: str | Path | None = None) -> nn.Module:

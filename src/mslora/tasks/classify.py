@@ -59,7 +59,8 @@ class Classification(Task):
         get_method(cfg.method).make_config(**cfg.method_options)  # fail on bad options before loading anything
         check_backbone_name(cfg.backbone)
         self.cfg = cfg
-        self.data = load_classification(data or cfg.data, cfg.split, cfg.split_seed)
+        self.data = load_classification(data or cfg.data, cfg.split, cfg.split_seed, cfg.data_format)
+        self.keep_last = self.data.val_in_train  # validation images were trained on: no epoch is picked on them
         self.datasets = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
 
     def build_model(self, adapter: str | Path | None = None) -> nn.Module:
