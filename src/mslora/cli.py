@@ -277,14 +277,30 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params, "merge": cmd_merge, "bench": cmd_bench}
+def cmd_report(argv: list[str]) -> int:
+    """``mslora report``: runs as a markdown table and PNG plots (:mod:`mslora.report`); returns 0."""
+    from mslora.report import report
+
+    p = argparse.ArgumentParser(prog="mslora report", description="Turn finished runs into report.md (a row per "
+                                "run, mean ± std per method over runs that did not collapse) and PNG plots: "
+                                "learning curves and the test metric against trainable parameters.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of mslora train")
+    p.add_argument("--output", required=True, help="directory to write report.md and the plots into")
+    a = p.parse_args(argv)
+    print(report(a.runs, a.output))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params, "merge": cmd_merge, "bench": cmd_bench,
+            "report": cmd_report}
 USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
   train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
   eval     evaluate a trained adapter on its test split
   params   parameter counts of an adapted backbone, or the papers' tables (--paper)
   merge    fold a trained adapter into its backbone and write a plain timm checkpoint
-  bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)"""
+  bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)
+  report   finished runs as a markdown table and PNG plots"""
 
 
 def main(argv: list[str] | None = None) -> int:

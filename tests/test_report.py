@@ -1,0 +1,42 @@
+"""mslora report: the table (collapsed runs listed, not averaged), the plots, and errors before writing."""
+import json
+
+import pytest
+from PIL import Image
+
+from mslora.cli import main
+from mslora.report import report
+
+
+def _run(root, name, method, seed, test, collapsed=False, params=1000):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({
+        "task": "classify", "dataset": "toy", "method": method, "backbone": "b", "seed": seed,
+        "trainable_params": params, "val_top1": test + 0.01, "test_top1": test, "best_epoch": 2,
+        "collapsed": collapsed, "collapse_reason": "chance level" if collapsed else None, "seconds": 1.0}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_loss": 1 / e, "val_top1": test * e / 2})
+                                             + "\n" for e in (1, 2)))
+    return d
+
+
+def test_report_table_and_plots(tmp_path):
+    runs = [_run(tmp_path, "a0", "mslora", 0, 0.80), _run(tmp_path, "a1", "mslora", 1, 0.90),
+            _run(tmp_path, "a2", "mslora", 2, 0.10, collapsed=True), _run(tmp_path, "b0", "lora", 0, 0.85, params=5000)]
+    md = report(runs, tmp_path / "out").read_text()
+    assert "| classify | toy | mslora | top1 | 85.00 ± 7.07 | 2 | a2 (seed 2) |" in md  # 80 and 90, not 10
+    assert "| classify | toy | lora | top1 | 85.00 | 1 | none |" in md
+    assert "| a2 | classify | toy | mslora | b | 2 | 1,000 | 11.00 | 10.00 | 2 | chance level | 1.0 |" in md
+    for png in ("learning_curves.png", "metric_vs_params.png"):
+        assert f"]({png})" in md and Image.open(tmp_path / "out" / png).size[0] > 300
+
+
+def test_report_errors_before_writing(tmp_path, capsys):
+    good = _run(tmp_path, "a0", "mslora", 0, 0.8)
+    (tmp_path / "unfinished").mkdir()
+    assert main(["report", str(good), str(tmp_path / "unfinished"), "--output", str(tmp_path / "out")]) == 2
+    assert "holds no metrics.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    seg = _run(tmp_path, "s0", "mslora", 0, 0.5)
+    (seg / "metrics.json").write_text(json.dumps({**json.loads((seg / "metrics.json").read_text()), "task": "segment"}))
+    with pytest.raises(ValueError, match="runs of different tasks"):
+        report([good, seg], tmp_path / "out")
