@@ -178,3 +178,21 @@ def test_version_2_files_load_with_their_old_tensor_names(adapter_file, tmp_path
     model = mslora.load_adapter(make_model("resnet"), v2)
     for k, v in tensors.items():
         assert torch.equal(model.state_dict()[k], v)
+
+
+def test_adapter_files_carry_backbone_and_version_and_refuse_another_backbone(tmp_path):
+    model = mslora.adapt(timm.create_model("test_resnet", num_classes=3), "mslora", rank=8)
+    path = mslora.save_adapter(model, tmp_path / "a.safetensors", {"weights": "random init"})
+    _, meta = mslora.read_adapter(path)
+    assert meta["backbone"] == "test_resnet" and meta["mslora_version"] == mslora.__version__
+    with pytest.raises(ValueError, match="trained on test_resnet \\(weights: random init\\), but the model is test_convnext"):
+        mslora.load_adapter(timm.create_model("test_convnext", num_classes=3), path)
+    # a file written before the runtime-only option grad_checkpointing existed still loads
+    tensors, meta = mslora.read_adapter(path)
+    old_config = {k: v for k, v in meta["config"].items() if k != "grad_checkpointing"}
+    from mslora.core.state import _digest
+
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={
+        "format": meta["format"], "method": "mslora", "config": json.dumps(old_config), "sha256": _digest(tensors)})
+    loaded = mslora.load_adapter(timm.create_model("test_resnet", num_classes=3), tmp_path / "old.safetensors")
+    assert mslora.adaptation(loaded).config.grad_checkpointing is False

@@ -182,12 +182,20 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an adapter file (or one of another version, damaged or altered), a method or options this
-            version does not have or lacks, or tensors that do not fit the model.
+        ValueError: not an adapter file (or one of another version, damaged or altered), trained on another timm
+            architecture (both named), a method or options this version does not have or lacks, or tensors that
+            do not fit the model.
     """
+    from mslora.core.state import architecture
+
     tensors, meta = read_adapter(path)
+    trained_on, here = meta.get("backbone"), architecture(model)
+    if trained_on and here and trained_on != here:
+        raise ValueError(f"adapter file '{path}' was trained on {trained_on} (weights: "
+                         f"{meta.get('weights', 'not recorded')}), but the model is {here}")
     spec = get_method(meta["method"])
-    names = {f.name for f in dataclasses.fields(spec.config_cls)}
+    # Options that change how the model computes, not what: a file written before they existed takes the default.
+    names = {f.name for f in dataclasses.fields(spec.config_cls) if not f.metadata.get("runtime")}
     missing = sorted(names - set(meta["config"]))
     if missing:
         raise ValueError(f"adapter file '{path}' lacks option(s) {', '.join(missing)} of method '{spec.name}' "

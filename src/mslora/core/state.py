@@ -105,7 +105,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write the adapter file: :func:`adapter_state_dict` as safetensors, with the method and its config as
-    JSON in the file's metadata (plus ``metadata``, each value JSON-encoded).
+    JSON in the file's metadata, the backbone's timm architecture and the mslora version (plus ``metadata``, each
+    value JSON-encoded; the engine adds the training config and the weight source).
 
     Returns the path written.
 
@@ -116,18 +117,27 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
     if rec is None:
         raise ValueError("model is not adapted: call mslora.adapt(model, METHOD) first (after mslora.merge the model "
                          "is a plain backbone: save it with mslora.save_backbone)")
-    reserved = sorted(set(metadata or {}) & {"format", "method", "config", "sha256"})
+    reserved = sorted(set(metadata or {}) & {"format", "method", "config", "sha256", "backbone", "mslora_version"})
     if reserved:
         raise ValueError(f"metadata key(s) {', '.join(reserved)} are reserved for the adapter file itself")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     if not tensors:
         raise ValueError("the adapted model has no trainable tensors to save")
+    from mslora import __version__
+
     meta = {"format": FORMAT, "method": rec.method, "config": json.dumps(dataclasses.asdict(rec.config)),
-            "sha256": _digest(tensors)}
+            "sha256": _digest(tensors), "backbone": json.dumps(architecture(model)),
+            "mslora_version": json.dumps(__version__)}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)
     return path
+
+
+def architecture(model: nn.Module) -> str | None:
+    """The timm architecture name of ``model`` (its ``pretrained_cfg``), or None for a model timm did not make
+    (e.g. a detector around a timm backbone)."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

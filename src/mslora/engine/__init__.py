@@ -292,7 +292,8 @@ def _fit(cfg: TrainConfig, task, acc, ddp, model: nn.Module, run: Path, resuming
                 "optimizer": opt.optimizer.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "rng": rngs, **state})
 
-    meta = {"train_config": cfg.to_dict(), **task.metadata()}
+    meta = {"train_config": cfg.to_dict(), "weights": weights_source(cfg.backbone, cfg.pretrained, cfg.weights),
+            **task.metadata()}
     t_start = time.perf_counter() - state["seconds"]
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()

@@ -11,7 +11,7 @@ the down-projection, three depth-wise convs and the point-wise conv have D each,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import LayerNorm2d
@@ -39,7 +39,8 @@ class MSLoRAConfig:
     zero_init: bool = True  # zero up-projection, so the adapted model equals its backbone at initialisation
     target_modules: str | None = None  # regex over module names overriding the automatic placement
     layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
-    grad_checkpointing: bool = False  # recompute each module's activations in backward: less memory, more time
+    # recompute each module's activations in backward: less memory, more time (runtime: files without it load)
+    grad_checkpointing: bool = field(default=False, metadata={"runtime": True})
 
     def __post_init__(self) -> None:
         self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
