@@ -26,9 +26,10 @@ from mslora.core.state import (
     save_adapter,
 )
 from mslora.registry import get_method, list_methods
+from mslora.interchange import export_peft, import_peft  # noqa: E402  (PEFT's adapter format)
 
 __all__ = ["adapt", "merge", "unadapt", "count_parameters", "save_adapter", "load_adapter", "save_backbone",
-           "list_methods"]
+           "list_methods", "export_peft", "import_peft"]
 __version__ = "0.2.0"
 
 
