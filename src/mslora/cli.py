@@ -291,8 +291,26 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_visualize(argv: list[str]) -> int:
+    """``mslora visualize``: MSLoRA's reweighting drawn per stage (:mod:`mslora.visualize`); returns 0."""
+    from mslora.visualize import visualize
+
+    p = argparse.ArgumentParser(prog="mslora visualize", description="Draw, per stage, the frozen backbone's "
+                                "activation, the adapted model's and MSLoRA's reweighting map H(F) over each image "
+                                "(the paper's Fig. 1 and 3): one PNG per image.")
+    p.add_argument("--adapter", required=True, help="run directory or adapter file of an MSLoRA classification run")
+    p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    p.add_argument("--output", required=True, help="directory for the PNGs")
+    p.add_argument("--img-size", type=int, help="input size (default: the run's; larger gives finer maps)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    a = p.parse_args(argv)
+    for path in visualize(a.adapter, a.image, a.output, a.img_size, a.device):
+        print(path)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params, "merge": cmd_merge, "bench": cmd_bench,
-            "report": cmd_report}
+            "report": cmd_report, "visualize": cmd_visualize}
 USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
   train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
@@ -300,7 +318,8 @@ USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
   params   parameter counts of an adapted backbone, or the papers' tables (--paper)
   merge    fold a trained adapter into its backbone and write a plain timm checkpoint
   bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)
-  report   finished runs as a markdown table and PNG plots"""
+  report   finished runs as a markdown table and PNG plots
+  visualize  MSLoRA's reweighting maps per stage over images (the paper's Fig. 1 and 3)"""
 
 
 def main(argv: list[str] | None = None) -> int:

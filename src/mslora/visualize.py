@@ -1,0 +1,149 @@
+"""``mslora visualize``: what MSLoRA changes, drawn as the MSLoRA paper's Fig. 1 and Fig. 3 draw it
+(arXiv 2511.12400, Sec. 1 and Sec. 4.3).
+
+For each image and each chosen site (the last MSLoRA module of every feature-map resolution, so one per stage of a
+hierarchical backbone; four evenly spaced modules of a plain ViT), one row of four panels: the image, the frozen
+backbone's activation at that site (every adapter bypassed: mean |F| over channels), the adapted model's output
+there (mean |F + H(F)|), and the reweighting H(F) = Up(Proj(F) * Trans(F)) of Eq. 1 (mean |H(F)|), each map
+normalised to [0, 1] and upsampled over the image. One PNG per image.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mslora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's MSLoRA modules in forward order (their registration order)."""
+    from mslora.methods.mslora import MSLoRA
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MSLoRA)]
+
+
+@torch.no_grad()
+def site_maps(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
+    """Per MSLoRA module: ``name`` and channel-mean magnitude maps (B, H, W) of the frozen backbone's features
+    (``frozen``, all adapters bypassed), the adapted output (``adapted``) and the reweighting (``update``).
+
+    Raises:
+        ValueError: the model has no MSLoRA module.
+    """
+    mods = mslora_modules(model)
+    if not mods:
+        raise ValueError("the model has no MSLoRA module: visualize draws MSLoRA's reweighting")
+    model.eval()
+    frozen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: frozen.__setitem__(n, mod.layout.to_2d(args[0])[0])
+                                     or args[0]) for n, m in mods]  # returning the input bypasses the adapter
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows: list[dict[str, Any]] = []
+
+    def record(mod, args, out, n):
+        f = mod.layout.to_2d(args[0])[0]
+        h = mod.update(f)
+        rows.append({"name": n, "frozen": frozen[n].abs().mean(1), "adapted": (f + h).abs().mean(1),
+                     "update": h.abs().mean(1)})
+
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: record(mod, args, out, n)) for n, m in mods]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def choose_sites(rows: list[dict[str, Any]], per_plain: int = 4) -> list[dict[str, Any]]:
+    """The last site of each resolution in forward order; with a single resolution (plain ViT), ``per_plain``
+    evenly spaced sites."""
+    sizes = [tuple(r["frozen"].shape[-2:]) for r in rows]
+    if len(set(sizes)) == 1:
+        k = min(per_plain, len(rows))
+        return [rows[round((i + 1) * len(rows) / k) - 1] for i in range(k)]
+    return [r for i, r in enumerate(rows) if i + 1 == len(rows) or sizes[i + 1] != sizes[i]]
+
+
+def _overlay(ax, image, heat, title: str) -> None:
+    heat = heat - heat.min()
+    heat = heat / heat.max().clamp_min(1e-12)
+    up = F.interpolate(heat[None, None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    ax.imshow(image)
+    ax.imshow(up.numpy(), cmap="jet", alpha=0.5)
+    ax.set_title(title, fontsize="small")
+    ax.axis("off")
+
+
+def draw(image, rows: list[dict[str, Any]], path: Path, index: int = 0) -> Path:
+    """Write the figure for one image (``image``: (H, W, 3) array in [0, 1]) of the chosen ``rows``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)), squeeze=False)
+    for ax_row, r in zip(axes, rows):
+        h, w = r["frozen"].shape[-2:]
+        ax_row[0].imshow(image)
+        ax_row[0].set_title(f"{r['name']} ({h}x{w})", fontsize="small")
+        ax_row[0].axis("off")
+        _overlay(ax_row[1], image, r["frozen"][index], "frozen backbone |F|")
+        _overlay(ax_row[2], image, r["adapted"][index], "adapted |F + H(F)|")
+        _overlay(ax_row[3], image, r["update"][index], "reweighting |H(F)|")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def visualize(adapter: str | Path, images: list[str | Path], output: str | Path, img_size: int | None = None,
+              device: str = "cpu") -> list[Path]:
+    """Draw one PNG per image for the MSLoRA adapter of a classification run (``adapter``: its directory or
+    ``adapter.safetensors``); ``img_size`` overrides the run's (larger images give finer maps).
+
+    Raises:
+        FileNotFoundError: no adapter file or image.
+        ValueError: not an MSLoRA classification run, or an unreadable image (named).
+    """
+    from accelerate.utils import set_seed
+    from timm.data import resolve_model_data_config
+
+    import mslora
+    from mslora.core.state import read_adapter
+    from mslora.data import build_transforms, load_rgb
+    from mslora.engine.config import TrainConfig
+    from mslora.tasks.classify import build_backbone
+
+    path = Path(adapter)
+    path = path / "adapter.safetensors" if path.is_dir() else path
+    _, meta = read_adapter(path)
+    if meta["method"] != "mslora":
+        raise ValueError(f"'{path}' is a {meta['method']} adapter; visualize draws MSLoRA's reweighting")
+    if "train_config" not in meta or meta["train_config"].get("task", "classify") != "classify":
+        raise ValueError(f"'{path}' is not from an mslora classification run (mslora train --task classify)")
+    for img in images:
+        if not Path(img).is_file():
+            raise FileNotFoundError(f"image '{img}' does not exist")
+    cfg = TrainConfig.from_dict({**meta["train_config"], "workers": 0}, f"adapter file '{path}'")
+    set_seed(cfg.seed)  # a random-init backbone is rebuilt as in training
+    model = mslora.load_adapter(build_backbone(cfg, meta["num_classes"]), path).to(device).eval()
+    dc = resolve_model_data_config(model)
+    tf = build_transforms(img_size or cfg.img_size, dc["mean"], dc["std"], dc.get("crop_pct", 0.875), train=False)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    mean, std = torch.tensor(dc["mean"])[:, None, None], torch.tensor(dc["std"])[:, None, None]
+    for img in images:
+        x = tf(load_rgb(str(img)))[None]
+        rows = choose_sites([{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()}
+                             for r in site_maps(model, x.to(device))])
+        shown = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        written.append(draw(shown, rows, out / f"{Path(img).stem}_mslora.png"))
+    return written
