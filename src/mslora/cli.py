@@ -1,7 +1,8 @@
-"""Command line: ``mslora train | eval | params | merge``.
+"""Command line: ``mslora train | eval | params | merge | bench | report | visualize``.
 
 Options come from the config dataclasses (:class:`mslora.engine.TrainConfig` and the chosen method's
-config), their help from the comment on each field. Precedence: defaults < ``--config FILE.yaml`` < flags.
+config), their help from the comment on each field. Precedence: defaults < ``--config FILE.yaml`` < flags; a
+``--method`` flag naming another method than the file's drops the file's method options.
 A user's mistake exits with status 2 and one line on stderr (set MSLORA_DEBUG=1 for the traceback).
 """
 from __future__ import annotations
@@ -112,6 +113,10 @@ def _train_config(argv: list[str]):
 
     train_names = {f.name for f in dataclasses.fields(TrainConfig)} - _TRAIN_ONLY
     method_names = {f.name for f in dataclasses.fields(spec.config_cls)}
+    if known.method and from_yaml.get("method") not in (None, known.method):
+        # The file's method options belong to the file's method; another method given as a flag starts from its
+        # own defaults (as without --config), so one paper config serves the comparison rows too.
+        from_yaml = {k: v for k, v in from_yaml.items() if k in train_names}
     values = {**from_yaml, **flags}
     unknown = sorted(set(values) - train_names - method_names - {"method_options"})
     if unknown:
