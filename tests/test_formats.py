@@ -115,3 +115,18 @@ def test_unrecognised_data_names_what_was_looked_for(tmp_path):
         load_classification(str(tmp_path), data_format="tfrecord")
     with pytest.raises(ValueError, match="split='trainval' is VTAB-1k's"):
         load_classification(str(tmp_path), "trainval")
+
+
+def test_flowers102_through_torchvision(tmp_path, monkeypatch):
+    from scipy.io import savemat
+    from torchvision.datasets import Flowers102
+
+    root = tmp_path / "flowers-102"
+    for i in range(1, 7):
+        _image(root / "jpg" / f"image_{i:05d}.jpg", i)
+    savemat(root / "imagelabels.mat", {"labels": np.array([[1, 2, 1, 2, 1, 2]])})
+    savemat(root / "setid.mat", {"trnid": np.array([[1, 2]]), "valid": np.array([[3, 4]]), "tstid": np.array([[5, 6]])})
+    monkeypatch.setattr(Flowers102, "_check_integrity", lambda self: True)  # the real files' md5 sums
+    assert recognise(tmp_path) == "flowers102"
+    d = load_classification(str(tmp_path), "full")
+    assert (len(d.train), len(d.val), len(d.test)) == (2, 2, 2) and [d.test[i][1] for i in range(2)] == [0, 1]

@@ -18,7 +18,8 @@ def _perturbed(model):
     return model
 
 
-@pytest.mark.parametrize("backbone,method", [("test_vit", "lora"), ("test_vit", "dora"), ("test_resnet", "lora")])
+@pytest.mark.parametrize("backbone,method", [("test_vit", "lora"), ("test_vit", "dora"), ("test_vit", "hira"),
+                                            ("test_resnet", "lora")])
 def test_export_loads_in_peft_with_the_same_outputs(backbone, method, tmp_path):
     torch.manual_seed(0)
     base = timm.create_model(backbone, num_classes=3).eval()
