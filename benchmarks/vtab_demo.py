@@ -26,7 +26,7 @@ def write_vtab1k(folder: Path) -> Path:
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    data = load_classification("fashion-mnist", "1k", 0)
+    data = load_classification("fashion-mnist", "random1k", 0)
     lists = {}
     for name, subset in (("train800", data.train), ("val200", data.val), ("test", data.test)):
         (tmp / name).mkdir(parents=True)

@@ -32,20 +32,21 @@ def _vtab(root, n_train=8, n_val=2, n_test=5, classes=3):
 def test_vtab1k_both_protocols(tmp_path):
     root = _vtab(tmp_path / "caltech101")
     assert recognise(root) == "vtab1k"
-    d = load_classification(str(root), "1k")
-    assert (len(d.train), len(d.val), len(d.test)) == (8, 2, 5) and not d.val_in_train
+    d = load_classification(str(root))  # VTAB-1k's own split by default: train800, pick on val200
+    assert (len(d.train), len(d.val), len(d.test)) == (8, 2, 5) and not d.val_in_train and d.split == "train800"
     assert d.classes == ["0", "1", "2"] and d.name == "caltech101"
     img, label = d.train[4]
     assert img.size == (8, 8) and label == 4 % 3
-    d = load_classification(str(root), "trainval")  # RLRR: train on all 1,000, keep the last epoch
+    d = load_classification(str(root), "train800val200")  # RLRR: train on all 1,000, keep the last epoch
     assert (len(d.train), len(d.val)) == (10, 2) and d.val_in_train
     (root / "classes.txt").write_text("cat\ndog\nfish\n")
-    assert load_classification(str(root), "1k").classes == ["cat", "dog", "fish"]
-    with pytest.raises(ValueError, match="split='full' does not apply to VTAB-1k"):
-        load_classification(str(root), "full")
+    assert load_classification(str(root), "train800").classes == ["cat", "dog", "fish"]
+    for other in ("full", "random1k", "1k"):  # a random draw is never taken for VTAB-1k's published lists
+        with pytest.raises(ValueError, match="does not apply to VTAB-1k data"):
+            load_classification(str(root), other)
     (root / "val200.txt").write_text("images/val200_0.jpg one\n")
     with pytest.raises(ValueError, match="val200.txt line 1: 'images/val200_0.jpg one' is not"):
-        load_classification(str(root), "1k")
+        load_classification(str(root))
 
 
 def test_fgvc_json_splits_labels_made_contiguous(tmp_path):
@@ -113,8 +114,8 @@ def test_unrecognised_data_names_what_was_looked_for(tmp_path):
         load_classification(str(tmp_path / "notes.txt"))
     with pytest.raises(ValueError, match="data_format='tfrecord' is not one of"):
         load_classification(str(tmp_path), data_format="tfrecord")
-    with pytest.raises(ValueError, match="split='trainval' is VTAB-1k's"):
-        load_classification(str(tmp_path), "trainval")
+    with pytest.raises(ValueError, match="split='train800' names VTAB-1k's published lists"):
+        load_classification(str(tmp_path), "train800")
 
 
 def test_flowers102_through_torchvision(tmp_path, monkeypatch):

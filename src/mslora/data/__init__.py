@@ -1,10 +1,13 @@
 """Classification data: Fashion-MNIST idx files and ImageFolder directories, split into train/val/test.
 
-Splits (``split``):
-- ``"1k"``: VTAB-1k style: 800 training and 200 validation images drawn with ``split_seed`` (validation from
-  the dataset's own validation pool if it has one, else from the rest of the training pool); the full test set.
+Splits (``split``; None: the format's own, ``train800`` for VTAB-1k folders and ``random1k`` otherwise):
+- ``"random1k"`` (``"1k"``, its old name, still read): VTAB-1k's sizes drawn at random: 800 training and 200
+  validation images drawn with ``split_seed`` (validation from the dataset's own validation pool if it has one,
+  else from the rest of the training pool); the full test set. Not VTAB-1k's published lists.
 - ``"full"``: the whole training pool for training (minus a seeded 10 % validation hold-out when the dataset
   has no validation pool); the full test set.
+- ``"train800"`` / ``"train800val200"``: VTAB-1k folders only, their published lists (see
+  :func:`mslora.data.formats.vtab1k`).
 
 Sources (``data``):
 - ``"fashion-mnist"``: the idx files of Debian's ``dataset-fashion-mnist`` in /usr/share/datasets/fashion-mnist
@@ -30,7 +33,8 @@ from torchvision.transforms import InterpolationMode, v2
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-SPLITS = ("1k", "full", "trainval")
+SPLITS = ("random1k", "full", "train800", "train800val200")
+VTAB_SPLITS = ("train800", "train800val200")
 
 
 class Subset(Dataset):
@@ -107,6 +111,7 @@ class ClassificationData:
     val: Subset
     test: Subset
     val_in_train: bool = False  # VTAB-1k's train800val200 protocol: validation images are trained on
+    split: str = "random1k"  # the split these datasets were made with
 
     @property
     def num_classes(self) -> int:
@@ -169,7 +174,7 @@ def _draw(pool: Sequence[int], n: int, gen: torch.Generator) -> tuple[list[int],
 def _split(train_pool: list[int], val_pool: list[int] | None, split: str, seed: int) -> tuple[list[int], list[int]]:
     """Seeded (train, val) indices: val from ``val_pool`` when given, else held out of ``train_pool``."""
     gen = torch.Generator().manual_seed(seed)
-    if split == "1k":
+    if split == "random1k":
         train, rest = _draw(train_pool, 800, gen)
         return train, _draw(val_pool if val_pool is not None else rest, 200, gen)[0]
     if val_pool is not None:
@@ -178,12 +183,12 @@ def _split(train_pool: list[int], val_pool: list[int] | None, split: str, seed: 
     return train, val
 
 
-def load_classification(data: str, split: str = "1k", split_seed: int = 0,
+def load_classification(data: str, split: str | None = None, split_seed: int = 0,
                         data_format: str | None = None) -> ClassificationData:
     """Load a classification source (see module doc and :mod:`mslora.data.formats`) and split it.
 
     ``data_format`` forces a format (:data:`mslora.data.formats.FORMATS`); by default it is recognised from the
-    files found. ``split='trainval'`` exists for VTAB-1k only (train800val200, the RLRR protocol).
+    files found. ``split`` None takes the format's own (module doc); the result's ``split`` says which was used.
 
     Raises:
         ValueError: unknown split or format, a path in no recognised format (naming the files looked for), a
@@ -192,7 +197,8 @@ def load_classification(data: str, split: str = "1k", split_seed: int = 0,
     """
     from mslora.data import formats
 
-    if split not in SPLITS:
+    split = {"1k": "random1k"}.get(split, split)  # the old name
+    if split is not None and split not in SPLITS:
         raise ValueError(f"split='{split}' is not one of {', '.join(SPLITS)}")
     if data_format is not None and data_format not in formats.FORMATS:
         raise ValueError(f"data_format='{data_format}' is not one of {', '.join(formats.FORMATS)}")
@@ -205,8 +211,23 @@ def load_classification(data: str, split: str = "1k", split_seed: int = 0,
         fmt = "imagefolder"
     if fmt is None:
         raise ValueError(f"data path '{path}' is in no format mslora reads; looked for {formats.LOOKED_FOR}")
-    if split == "trainval" and fmt != "vtab1k":
-        raise ValueError(f"split='trainval' is VTAB-1k's train800val200 protocol, but '{path}' is {fmt} data")
+    if fmt == "vtab1k":
+        split = split or "train800"
+        if split not in VTAB_SPLITS:
+            raise ValueError(f"split='{split}' does not apply to VTAB-1k data ('{path}'): use its published lists, "
+                             "train800 (pick on val200) or train800val200 (RLRR's protocol)")
+    elif split in VTAB_SPLITS:
+        raise ValueError(f"split='{split}' names VTAB-1k's published lists, but '{path}' is {fmt} data; use "
+                         "random1k or full")
+    split = split or "random1k"
+    data = _load(path, fmt, split, split_seed)
+    data.split = split
+    return data
+
+
+def _load(path: Path, fmt: str, split: str, split_seed: int) -> ClassificationData:
+    from mslora.data import formats
+
     if fmt == "fashion-mnist":
         root = _fashion_mnist_root(path)
         train_base = datasets.FashionMNIST(str(root), train=True, download=False)
@@ -217,11 +238,10 @@ def load_classification(data: str, split: str = "1k", split_seed: int = 0,
     if fmt == "imagefolder":
         return _image_folder(path, split, split_seed)
     if fmt == "vtab1k":
-        if split == "full":
-            raise ValueError(f"split='full' does not apply to VTAB-1k data ('{path}'): use 1k or trainval")
         pools, classes = formats.vtab1k(path, split, load_rgb)
         return ClassificationData(path.name, classes, *(Subset(pools[s], range(len(pools[s])))
-                                                         for s in ("train", "val", "test")), val_in_train=split == "trainval")
+                                                         for s in ("train", "val", "test")),
+                                  val_in_train=split == "train800val200")
     pools, classes = (formats.fgvc(path, load_rgb) if fmt == "fgvc" else formats.csv_pools(path, load_rgb)
                       if fmt == "csv" else formats.torchvision_pools(fmt, path))
     return _from_pools(path.stem, classes, pools, split, split_seed)

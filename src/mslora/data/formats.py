@@ -70,17 +70,17 @@ def _check_file(path: Path, what: str) -> None:
 
 
 def vtab1k(root: Path, split: str, loader: Callable) -> tuple[dict, list[str]]:
-    """VTAB-1k pools. ``split='1k'``: train800 / val200 / test (the VPT and NOAH protocol: pick on val200);
-    ``split='trainval'``: train800val200 / val200 / test (the RLRR protocol: train on all 1,000 and report test;
-    val200 is then inside the training set, so the engine keeps the last epoch).
+    """VTAB-1k pools. ``split='train800'``: train800 / val200 / test (the VPT and NOAH protocol: pick on val200);
+    ``split='train800val200'``: train800val200 / val200 / test (the RLRR protocol: train on all 1,000 and report
+    test; val200 is then inside the training set, so the engine keeps the last epoch).
 
     Raises:
         ValueError: another split, a malformed line (file and line number named), or labels that are not integers.
         FileNotFoundError: a list file the split needs is missing.
     """
-    if split not in ("1k", "trainval"):
-        raise ValueError(f"split='{split}' is not one of 1k, trainval for VTAB-1k data ('{root}')")
-    files = {"train": "train800.txt" if split == "1k" else "train800val200.txt", "val": "val200.txt",
+    if split not in ("train800", "train800val200"):
+        raise ValueError(f"split='{split}' is not one of train800, train800val200 for VTAB-1k data ('{root}')")
+    files = {"train": f"{split}.txt", "val": "val200.txt",
              "test": "test.txt"}
     pools = {}
     for s, name in files.items():

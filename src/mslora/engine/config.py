@@ -48,7 +48,7 @@ class TrainConfig:
     method: str = MAIN_JOB_METHOD  # registered method (mslora.list_methods())
     data: str = "fashion-mnist"  # 'fashion-mnist', a Fashion-MNIST idx directory, or an ImageFolder directory
     data_format: str | None = None  # force the data format (mslora.data.formats.FORMATS); default: from the files
-    split: str = "1k"  # '1k' (800 train + 200 val, full test), 'full', or 'trainval' (VTAB-1k's train800val200)
+    split: str | None = None  # random1k (800 + 200 drawn), full, train800 / train800val200 (VTAB-1k's lists); default: the data's own
     split_seed: int = 0  # seed of the train/val draw, fixed across training seeds like VTAB-1k's split
     epochs: int | None = None  # training epochs
     batch_size: int | None = None  # images per optimiser step over all processes, each of N processes gets 1/N

@@ -61,6 +61,7 @@ class Classification(Task):
         self.cfg = cfg
         self.data = load_classification(data or cfg.data, cfg.split, cfg.split_seed, cfg.data_format)
         self.keep_last = self.data.val_in_train  # validation images were trained on: no epoch is picked on them
+        cfg.split = self.data.split  # the split used, as the run's config and metrics record it
         self.datasets = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
 
     def build_model(self, adapter: str | Path | None = None) -> nn.Module:
