@@ -39,3 +39,17 @@ def test_table5_and_table2_settings():
     cfg = _train_config(["--config", str(root / "mslora_table2_food101_swin_b.yaml"), "--groups", "8"])
     assert cfg.epochs == 50 and cfg.method_options["groups"] == 8 and cfg.warmup_epochs == 20
     assert _train_config(["--config", str(root / "mslora_table5_swin_b.yaml")]).method_options.get("rank", 128) == 128
+
+
+def test_set_overrides_any_field():
+    root = Path(__file__).parent.parent / "configs"
+    cfg = _train_config(["--config", str(root / "mslora_table2_food101_swin_b.yaml"), "--lr", "0.1", "--set", "lr=2e-3",
+                         "--set", "kernel_sizes=[3, 5]", "--set=enhance=false", "--set", "split-seed=4"])
+    assert cfg.lr == 2e-3 and cfg.split_seed == 4
+    assert cfg.method_options["kernel_sizes"] == [3, 5] and cfg.method_options["enhance"] is False
+    cfg = _train_config(["--config", str(root / "rlrr_table12_cifar100_resnet50.yaml"), "--set", "method=full"])
+    assert cfg.method == "full" and cfg.method_options == {}
+    with pytest.raises(ValueError, match="--set lr is not KEY=VALUE"):
+        _train_config(["--set", "lr"])
+    with pytest.raises(ValueError, match="unknown option\\(s\\) nope"):
+        _train_config(["--set", "nope=1"])

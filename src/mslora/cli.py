@@ -80,18 +80,47 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
+def _pop_sets(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--set KEY=VALUE`` pairs out of ``argv`` (values read as YAML: ``rank=64``, ``kernel_sizes=[3,5]``,
+    ``enhance=false``); returns the other arguments and the pairs, keys with ``-`` as ``_``.
+
+    Raises:
+        ValueError: a pair without ``=``, or a missing pair after ``--set``.
+    """
+    rest, sets = [], {}
+    it = iter(argv)
+    for a in it:
+        if a != "--set" and not a.startswith("--set="):
+            rest.append(a)
+            continue
+        item = a.partition("=")[2] if a.startswith("--set=") else next(it, None)
+        if item is None or "=" not in item:
+            raise ValueError(f"--set {item or ''} is not KEY=VALUE (e.g. --set lr=0.001)")
+        key, _, value = item.partition("=")
+        parsed = yaml.safe_load(value) if value.strip() else None
+        if isinstance(parsed, str):
+            try:
+                parsed = float(parsed)  # YAML 1.1 reads 2e-3 (no dot) as a string
+            except ValueError:
+                pass
+        sets[key.strip().replace("-", "_")] = parsed
+    return rest, sets
+
+
 def _train_config(argv: list[str]):
-    """Parse ``mslora train`` arguments into a TrainConfig (defaults < YAML < flags).
+    """Parse ``mslora train`` arguments into a TrainConfig (defaults < YAML < flags < ``--set KEY=VALUE``).
 
     Without ``--config``, a run of the main job's method is the main job (its method options, e.g. MSLoRA's
     rank 32, under the flags); another method starts from its own defaults.
     """
     from mslora.engine.config import MAIN_JOB_METHOD, MAIN_JOB_METHOD_OPTIONS, TrainConfig
 
+    argv, sets = _pop_sets(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     pre.add_argument("--method")
     known, _ = pre.parse_known_args(argv)
+    known.method = sets.pop("method", known.method)
     from_yaml = _load_yaml(known.config)
     method = known.method or from_yaml.get("method") or TrainConfig.method
     spec = get_method(method)
@@ -99,12 +128,15 @@ def _train_config(argv: list[str]):
     parser = argparse.ArgumentParser(prog="mslora train", description="Train a method on a backbone and dataset; "
                                      "with no arguments, the main job (see README).")
     parser.add_argument("--config", help="YAML file of option: value (flags override it)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", help="set any training or method option, "
+                        "the value read as YAML (e.g. --set lr=1e-3 --set kernel_sizes=[3,5]); overrides the flags")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, with its "
                         "own config.yaml (no other option may be given)")
     _add_fields(parser.add_argument_group("training"), TrainConfig, _TRAIN_ONLY)
     _add_fields(parser.add_argument_group(f"options of method '{method}'"), spec.config_cls)
     flags = vars(parser.parse_args(argv))
     flags.pop("config", None)
+    flags.pop("set", None)
     if flags.get("resume"):
         if len(flags) > 1 or known.config:
             raise ValueError("--resume RUN_DIR continues a run with its own config.yaml; give no other option")
@@ -117,7 +149,7 @@ def _train_config(argv: list[str]):
         # The file's method options belong to the file's method; another method given as a flag starts from its
         # own defaults (as without --config), so one paper config serves the comparison rows too.
         from_yaml = {k: v for k, v in from_yaml.items() if k in train_names}
-    values = {**from_yaml, **flags}
+    values = {**from_yaml, **flags, **sets, **({"method": method} if known.method else {})}
     unknown = sorted(set(values) - train_names - method_names - {"method_options"})
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} in {known.config}; expected training options or "
