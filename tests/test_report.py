@@ -40,3 +40,26 @@ def test_report_errors_before_writing(tmp_path, capsys):
     (seg / "metrics.json").write_text(json.dumps({**json.loads((seg / "metrics.json").read_text()), "task": "segment"}))
     with pytest.raises(ValueError, match="runs of different tasks"):
         report([good, seg], tmp_path / "out")
+
+
+def test_sweep_over_vtab_task_folders(tmp_path, capsys):
+    from test_formats import _vtab
+
+    from mslora.sweep import table
+
+    for task in ("cifar", "eurosat"):
+        _vtab(tmp_path / "vtab" / task)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--vtab-root", str(tmp_path / "vtab"), "--output", str(out), "--backbone", "test_resnet",
+                 "--no-pretrained", "--method", "bitfit", "--epochs", "1", "--batch-size", "4", "--img-size", "32",
+                 "--device", "cpu"]) == 0
+    md = (out / "vtab1k.md").read_text()
+    results = json.loads((out / "vtab1k.json").read_text())
+    assert list(results) == ["cifar", "eurosat"] and md.startswith("| cifar | eurosat | Natural mean |")
+    row = md.splitlines()[2].split(" | ")
+    assert row[2] == f"{100 * results['cifar']['test_top1']:.1f}"  # Natural mean = cifar alone
+    assert row[4] == "-" and "2 of 19 tasks" in md  # no Structured task
+    results["eurosat"]["collapsed"] = True
+    assert "| collapsed |" in table(results) and "left out of the means (eurosat)" in table(results)
+    assert main(["sweep", "--vtab-root", str(tmp_path / "vtab"), "--output", str(out), "--tasks", "dmlab"]) == 2
+    assert "no VTAB-1k task folder dmlab" in capsys.readouterr().err

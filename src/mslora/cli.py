@@ -1,4 +1,4 @@
-"""Command line: ``mslora train | eval | params | merge | bench | report | visualize``.
+"""Command line: ``mslora train | eval | params | merge | bench | report | visualize | sweep``.
 
 Options come from the config dataclasses (:class:`mslora.engine.TrainConfig` and the chosen method's
 config), their help from the comment on each field. Precedence: defaults < ``--config FILE.yaml`` < flags; a
@@ -346,8 +346,23 @@ def cmd_visualize(argv: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(argv: list[str]) -> int:
+    """``mslora sweep``: a training config over the VTAB-1k tasks, one results table (:mod:`mslora.sweep`)."""
+    from mslora.sweep import VTAB_TASKS, sweep
+
+    p = argparse.ArgumentParser(prog="mslora sweep", description="Train one config on each VTAB-1k task folder "
+                                "under --vtab-root and write one table (per task, group means, mean over tasks). "
+                                "Other arguments are mslora train's (e.g. --config FILE --set lr=1e-3).")
+    p.add_argument("--vtab-root", required=True, help=f"folder holding the task folders ({', '.join(VTAB_TASKS[:3])}, ...)")
+    p.add_argument("--tasks", help="comma-separated task names (default: every task folder found)")
+    p.add_argument("--output", required=True, help="folder for vtab1k.md, vtab1k.json and the runs")
+    a, rest = p.parse_known_args(argv)
+    print(sweep(rest, a.vtab_root, a.output, a.tasks.split(",") if a.tasks else None))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params, "merge": cmd_merge, "bench": cmd_bench,
-            "report": cmd_report, "visualize": cmd_visualize}
+            "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep}
 USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
   train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
@@ -356,7 +371,8 @@ USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
   merge    fold a trained adapter into its backbone and write a plain timm checkpoint
   bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)
   report   finished runs as a markdown table and PNG plots
-  visualize  MSLoRA's reweighting maps per stage over images (the paper's Fig. 1 and 3)"""
+  visualize  MSLoRA's reweighting maps per stage over images (the paper's Fig. 1 and 3)
+  sweep    one config over the 19 VTAB-1k tasks, one table in the papers' layout"""
 
 
 def main(argv: list[str] | None = None) -> int:
