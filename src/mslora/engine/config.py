@@ -125,7 +125,7 @@ class TrainConfig:
 
 def main_job(**overrides: Any) -> TrainConfig:
     """The main job (README 'Main job'): MSLoRA at rank 32 on a frozen ImageNet EfficientNet-Lite0,
-    Fashion-MNIST 1k split, 64 px, with the default recipe; ``overrides`` replace any field.
+    Fashion-MNIST random1k split, 64 px, with the default recipe; ``overrides`` replace any field.
 
     The main job's method options apply only while the method is the main job's: ``main_job(method="lora")``
     is LoRA with its own defaults.
