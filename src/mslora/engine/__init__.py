@@ -374,6 +374,7 @@ def _fit(cfg: TrainConfig, task, acc, ddp, model: nn.Module, run: Path, resuming
         "batch_size": cfg.batch_size, "seed": cfg.seed, "collapsed": collapsed is not None, "collapse_reason": collapsed,
         "train_images": len(task.datasets["train"]), "val_images": len(task.datasets["val"]),
         "device": str(acc.device), "processes": acc.num_processes, "precision": cfg.precision,
+        "channels_last": cfg.channels_last, "threads": torch.get_num_threads(),
         "images_per_s": round(sum(h["images_per_s"] for h in state["history"]) / len(state["history"]), 1),
         "seconds_train": round(seconds_train, 1), "seconds": round(seconds, 1),
         "weights": weights_source(cfg.backbone, cfg.pretrained, cfg.weights),
