@@ -83,3 +83,10 @@ def test_transforms_make_normalised_rgb(train):
     x = tf(Image.fromarray(np.full((28, 28), 255, np.uint8), mode="L"))  # grey input
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert torch.allclose(x, torch.ones_like(x), atol=1e-2)  # white -> (1 - 0.5) / 0.5
+    # per-channel mean and std, each channel its own: a swap of channels or of mean and std changes the values
+    mean, std = (0.1, 0.4, 0.7), (0.2, 0.5, 0.25)
+    rgb = np.zeros((28, 28, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 51, 153, 255  # 0.2, 0.6, 1.0
+    x = build_transforms(32, mean, std, train=train)(Image.fromarray(rgb))
+    expected = [(v - m) / s for v, m, s in zip((0.2, 0.6, 1.0), mean, std)]  # 0.5, 0.4, 1.2
+    assert torch.allclose(x.mean((1, 2)), torch.tensor(expected), atol=1e-3)

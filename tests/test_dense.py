@@ -5,6 +5,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -135,8 +136,9 @@ def test_unrecognised_layout_names_what_it_looked_for(tmp_path):
 
 
 def _cfg(task, data, tmp_path, **kw):
+    kw = {"img_size": 96, **kw}
     return TrainConfig(task=task, data=str(data), backbone="test_resnet", pretrained=False, epochs=2, batch_size=2,
-                       img_size=96, output=str(tmp_path), head_channels=16, **kw)
+                       output=str(tmp_path), head_channels=16, **kw)
 
 
 @pytest.mark.parametrize("task,metric", [("detect", "bbox_AP"), ("segment", "mIoU")])
@@ -196,6 +198,7 @@ def test_every_adapter_family_under_a_detector_on_vit_and_swin(method):
             continue  # VPT's prompts are tokens of a plain ViT
         torch.manual_seed(0)
         model = mslora.adapt(timm.create_model(name, num_classes=0, **kw), method)
+        inner = mslora.count_parameters(model)
         det = lift_adaptation(build_detector(model, "fasterrcnn", 3, min_size=64, max_size=96, channels=16,
                                              representation=32), model)
         det.train()
@@ -204,7 +207,10 @@ def test_every_adapter_family_under_a_detector_on_vit_and_swin(method):
         sum(det(images, targets).values()).backward()
         counts = mslora.count_parameters(det)
         adapter = [p for n, p in det.named_parameters() if n in det.mslora_adaptation.added]
-        assert counts["adapter_params"] == sum(p.numel() for p in adapter) or method in ("bitfit", "ssf")
+        # bitfit trains backbone biases in place (no adapter tensor); every other method adds its own
+        assert counts["adapter_params"] == inner["adapter_params"] == sum(p.numel() for p in adapter)
+        assert (counts["adapter_params"] == 0) == (method == "bitfit")
+        assert counts["trainable_params"] == counts["head_params"] + inner["trainable_params"]
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in det.backbone.body.model.parameters()
                    if p.requires_grad), (name, method)
 
@@ -243,3 +249,95 @@ def test_paper_configs_load(path):
     assert cfg.lr in (2e-4, 1e-4, 1.2e-4) and cfg.weight_decay in (0.05, 0.1)
     if cfg.task == "detect":
         assert cfg.anchor_scale == 8 and cfg.head_channels == 256
+
+
+def _coco(root, splits=("train", "val", "test"), n=2, semantic=False):
+    """A COCO folder: per split ``n`` 48x64 images, each with one 20x10 'cat' rectangle (polygon) at (10, 10); with
+    ``semantic``, semantic/{split}2017/<stem>.png label maps that differ from the painted instances (class 2 in a
+    band the instances do not cover)."""
+    (root / "annotations").mkdir(parents=True)
+    for s in splits:
+        (root / f"{s}2017").mkdir()
+        if semantic:
+            (root / "semantic" / f"{s}2017").mkdir(parents=True)
+        images, anns = [], []
+        for i in range(1, n + 1):
+            Image.fromarray(np.full((48, 64, 3), 30 * i, np.uint8)).save(root / f"{s}2017" / f"{i}.png")
+            images.append({"id": i, "file_name": f"{i}.png", "height": 48, "width": 64})
+            anns.append({"id": i, "image_id": i, "category_id": 7, "bbox": [10, 10, 20, 10], "area": 200,
+                         "iscrowd": 0, "segmentation": [[10, 10, 30, 10, 30, 20, 10, 20]]})
+            if semantic:
+                lbl = np.zeros((48, 64), np.uint8)
+                lbl[30:40, :] = 2
+                Image.fromarray(lbl).save(root / "semantic" / f"{s}2017" / f"{i}.png")
+        (root / "annotations" / f"instances_{s}2017.json").write_text(json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}]}))
+    return root
+
+
+class Replay(torch.nn.Module):
+    """A stub model that answers each call with the next prepared outputs (one per image, in loader order)."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, images):
+        n = len(images)
+        out, self.outputs = self.outputs[:n], self.outputs[n:]
+        return out if isinstance(out[0], dict) else torch.stack(out)
+
+
+def _evaluate(task, model, split="test"):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(task.datasets[split], batch_size=2, collate_fn=task.collate_fn)
+    return task.evaluate(model, loader, lambda x: x, split)
+
+
+def test_detection_evaluator_scores_the_ground_truth_one_and_a_shifted_box_as_computed_by_hand(tmp_path):
+    task = get_task("detect")(_cfg("detect", _coco(tmp_path / "coco"), tmp_path))
+    task.set_transforms(None)
+    gt = [t for _, t in (task.datasets["test"][i] for i in range(len(task.datasets["test"])))]
+    perfect = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
+                "masks": t["masks"][:, None].float()} for t in gt]
+    m = _evaluate(task, Replay(perfect))
+    assert m["bbox_AP"] == pytest.approx(1.0) and m["segm_AP"] == pytest.approx(1.0) and m["images"] == 2
+    # Each box moved 4 px right: IoU = 16 / 24 = 0.667, a true positive at the IoU thresholds 0.50 ... 0.65 (4 of
+    # COCO's 10) with precision 1, a miss at 0.70 ... 0.95: box AP = 4 / 10, AP50 = 1, AP75 = 0. Masks kept: 1.0.
+    shifted = [dict(p, boxes=p["boxes"] + torch.tensor([4.0, 0.0, 4.0, 0.0])) for p in perfect]
+    m = _evaluate(task, Replay(shifted))
+    assert m["bbox_AP"] == pytest.approx(0.4) and m["bbox_AP50"] == pytest.approx(1.0)
+    assert m["bbox_AP75"] == pytest.approx(0.0) and m["segm_AP"] == pytest.approx(1.0)
+
+
+def test_segmentation_evaluator_scores_the_ground_truth_one_and_a_half_wrong_map_as_computed(scenes, tmp_path):
+    task = get_task("segment")(_cfg("segment", scenes, tmp_path, img_size=256))  # the canvases' size: no resize
+    task.set_transforms(timm.create_model("test_resnet"))
+    labels = [y for _, y in (task.datasets["test"][i] for i in range(len(task.datasets["test"])))]
+    k = task.data.num_classes
+
+    def logits(y):
+        return torch.nn.functional.one_hot(torch.where(y == IGNORE, 0, y), k).permute(2, 0, 1).float()
+
+    m = _evaluate(task, Replay([logits(y) for y in labels]))
+    assert m["mIoU"] == pytest.approx(1.0) and m["aAcc"] == pytest.approx(1.0) and m["images"] == len(labels)
+    # Everything predicted as background: IoU(background) = its pixels / all valid pixels, every other class present
+    # in the labels scores 0 (predicted nowhere, present in the labels).
+    zeros = [logits(torch.zeros_like(y)) for y in labels]
+    valid = torch.cat([y[y != IGNORE] for y in labels])
+    present = len(torch.unique(valid))
+    expected = (valid == 0).sum().item() / valid.numel() / present
+    assert _evaluate(task, Replay(zeros))["mIoU"] == pytest.approx(expected)
+
+
+def test_coco_semantic_png_layout_is_read_before_painting_instances(tmp_path):
+    root = _coco(tmp_path / "coco", semantic=True)
+    data = load_dense(str(root), "segment")
+    assert data.classes == ["background", "cat", "dog"]
+    _, y = data.test.base[0]
+    assert (y[30:40] == 2).all() and (y[12:18, 12:28] == 0).all()  # the PNG's values, not the painted cat
+    for png in (root / "semantic").rglob("*.png"):
+        png.unlink()
+    _, y = load_dense(str(root), "segment").test.base[0]
+    assert (y[12:18, 12:28] == 1).all() and (y[30:40] == 0).all()  # no PNGs: the instances painted by class

@@ -108,4 +108,12 @@ def test_cascade_first_stage_is_mask_rcnn():
     for k in ("loss_objectness", "loss_rpn_box_reg"):
         assert torch.allclose(a[k], b[k]), k
     assert torch.allclose(a["loss_classifier"], b["loss_classifier_s1"])
-    assert not torch.allclose(b["loss_classifier_s1"], b["loss_classifier_s2"] / 0.5)
+    # the same model, seed and batch with every stage weighted 1: each stage's losses scale by exactly 1, 0.5, 0.25
+    assert cascade.roi_heads.stage_weights == (1.0, 0.5, 0.25)
+    cascade.roi_heads.stage_weights = (1.0, 1.0, 1.0)
+    torch.manual_seed(1)
+    c = cascade(images, targets)
+    for t, w in ((1, 1.0), (2, 0.5), (3, 0.25)):
+        for k in (f"loss_classifier_s{t}", f"loss_box_reg_s{t}"):
+            torch.testing.assert_close(b[k], w * c[k], msg=k)
+            assert c[k] > 0, k

@@ -1,6 +1,7 @@
 """The engine on CPU: two gloo processes train what one process trains, bf16 autocast, resume after SIGKILL,
 NaN stop, and the run directory's logs."""
 import json
+import math
 import os
 import signal
 import socket
@@ -84,9 +85,10 @@ def test_bf16_autocast_trains_and_reports(folder, tmp_path):
     assert all(t.dtype == torch.float32 for t in adapter_tensors(run).values())  # autocast: fp32 weights
 
 
-def test_resume_after_sigkill_ends_with_the_same_adapter_and_metrics(folder, tmp_path):
-    args = [*TINY, "--data", str(folder), "--split", "full", "--epochs", "3", "--batch-size", "4", "--deterministic",
-            "--ckpt-every", "1", "--drop-path-rate", "0.1"]
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_sigkill_ends_with_the_same_adapter_and_metrics(folder, tmp_path, workers):
+    args = [*TINY[:-1], str(workers), "--data", str(folder), "--split", "full", "--epochs", "3", "--batch-size", "4",
+            "--deterministic", "--ckpt-every", "1", "--drop-path-rate", "0.1"]
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     # every part in a subprocess with the same environment (thread count), as a user would run it
     ref_run = cli("train", *args, "--output", str(ref_out))
@@ -139,10 +141,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(folder, tmp_
     step = int(line.split(" at step ")[1].split()[0])
     run = only_run(out)
     assert not (run / "metrics.json").exists()
-    if step > 1:  # every step before the bad one was checkpointed, with finite tensors
-        ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-        assert ck["step"] == step - 1
-        assert all(torch.isfinite(t).all() for t in ck["trainable"].values())
+    # step 1 runs the initial weights (finite loss); the first update at lr 1e30 breaks step 2 at the latest
+    assert step >= 2
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # every step before the bad one was kept
+    assert ck["step"] == step - 1
+    assert all(torch.isfinite(t).all() for t in ck["trainable"].values())
 
 
 def test_resume_refuses_a_finished_run_and_other_options(folder, tmp_path, capsys):
@@ -178,6 +181,11 @@ def test_collapse_is_detected_from_the_history(folder):
     assert task.collapsed([{"train_loss": 1.0986, "val_top1": 0.9}] * 2) is None  # validation learnt: not collapsed
     assert "nan" in task.collapsed([{"train_loss": float("nan"), "val_top1": 0.3}])
     assert task.collapsed(stuck[:1]) is None  # one epoch is too early to say
+    # the thresholds: training loss >= 0.9 ln(c) and last validation top-1 <= 2 / c, each side of both
+    edge = 0.9 * math.log(3)
+    assert task.collapsed([{"train_loss": 2.0, "val_top1": 0.3}, {"train_loss": edge, "val_top1": 2 / 3}])
+    assert task.collapsed([{"train_loss": 2.0, "val_top1": 0.3}, {"train_loss": edge - 1e-6, "val_top1": 0.3}]) is None
+    assert task.collapsed([{"train_loss": 2.0, "val_top1": 0.3}, {"train_loss": edge, "val_top1": 2 / 3 + 1e-6}]) is None
     # learnt in epoch 1, then fell to chance and stayed there (Mona on digits, seed 1, before this rule): collapsed
     fell = [{"train_loss": 1.2, "val_top1": 0.8}, {"train_loss": 1.0986, "val_top1": 0.34}]
     assert "the last validation top-1 is 0.340" in task.collapsed(fell)
@@ -213,3 +221,96 @@ def test_the_engine_trains_a_task_it_does_not_know(folder, tmp_path):
     hist = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert m["task"] == "toy-regularised" and m["val_neg_loss"] == max(h["val_neg_loss"] for h in hist)
     assert m["best_epoch"] == 1 + max(range(2), key=lambda i: hist[i]["val_neg_loss"])
+
+
+def _history(run):
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_collapsed_run_says_so_in_metrics_and_on_stderr(tmp_path, capsys):
+    # three classes of one and the same grey image: nothing to learn, the loss stays at ln 3 and every image gets
+    # one class (a third of the validation images right)
+    root = tmp_path / "blank"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(root / name / f"{i}.png")
+    out = tmp_path / "runs"
+    assert main(["train", *TINY, "--data", str(root), "--epochs", "2", "--batch-size", "8", "--lr", "1e-12",
+                 "--output", str(out)]) == 0
+    m = json.loads((only_run(out) / "metrics.json").read_text())
+    assert m["collapsed"] is True and "stayed at chance level ln(3)" in m["collapse_reason"]
+    err = capsys.readouterr().err
+    assert "the run collapsed" in err and "collapsed: true" in err
+
+
+def test_grad_accum_equals_one_batch_that_many_times_larger(folder, tmp_path):
+    """84 training images: 7 steps of 12, or 7 steps of 2 x 6 accumulated; the same adapter and schedule."""
+    args = [*TINY, "--data", str(folder), "--split", "full", "--epochs", "2", "--lr", "0.01"]
+    assert main(["train", *args, "--batch-size", "12", "--output", str(tmp_path / "one")]) == 0
+    assert main(["train", *args, "--batch-size", "6", "--grad-accum", "2", "--output", str(tmp_path / "acc")]) == 0
+    one, acc = only_run(tmp_path / "one"), only_run(tmp_path / "acc")
+    assert [h["step"] for h in _history(one)] == [h["step"] for h in _history(acc)] == [7, 14]
+    assert [h["lr"] for h in _history(one)] == [h["lr"] for h in _history(acc)]
+    a, b = adapter_tensors(one), adapter_tensors(acc)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in a.values())
+
+
+def test_schedule_weight_decay_and_head_as_documented(folder, tmp_path):
+    """Linear warmup from lr/100 then cosine, per optimiser step (timm CosineLRScheduler with warmup_prefix: the cosine
+    spans epochs x steps after the warmup); AdamW weight decay on weights only, none on biases and norms; a zero head."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mslora.engine import TrainConfig
+    from mslora.tasks import get_task
+
+    out = tmp_path / "runs"
+    lr, epochs, warmup = 0.01, 3, 1
+    assert main(["train", *TINY[:TINY.index("--warmup-epochs")], *TINY[TINY.index("--warmup-epochs") + 2:],
+                 "--data", str(folder), "--split", "full", "--epochs", str(epochs), "--warmup-epochs", str(warmup),
+                 "--batch-size", "12", "--lr", str(lr), "--output", str(out)]) == 0
+    run = only_run(out)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/lr")}
+    steps = 7  # 84 images / 12
+    assert sorted(logged) == list(range(1, epochs * steps + 1))
+    for t, value in logged.items():
+        if t < warmup * steps:
+            expected = lr / 100 + t * (lr - lr / 100) / (warmup * steps)
+        else:
+            expected = 0.5 * lr * (1 + math.cos(math.pi * (t - warmup * steps) / (epochs * steps)))
+        assert value == pytest.approx(expected, rel=1e-5), t
+
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    groups = ck["optimizer"]["param_groups"]
+    decay = {g["weight_decay"]: g["params"] for g in groups}
+    assert set(decay) == {0.0, 0.05}
+    shapes = {i: st["exp_avg"].shape for i, st in ck["optimizer"]["state"].items()}
+    assert decay[0.0] and all(len(shapes[i]) == 1 for i in decay[0.0])  # biases and norm weights
+    assert decay[0.05] and all(len(shapes[i]) > 1 for i in decay[0.05])  # convolution and linear weights
+    trainable = adapter_tensors(run)
+    assert len(decay[0.0]) == sum(v.ndim == 1 for v in trainable.values())
+
+    cfg = TrainConfig(data=str(folder), backbone="test_resnet", pretrained=False, method_options={"rank": 8})
+    head = get_task("classify")(cfg).build_model().get_classifier()
+    assert not head.weight.any() and not head.bias.any()
+    cfg = TrainConfig(data=str(folder), backbone="test_resnet", pretrained=False, head_init="timm",
+                      method_options={"rank": 8})
+    assert get_task("classify")(cfg).build_model().get_classifier().weight.any()
+
+
+def test_train800val200_keeps_the_last_epoch(tmp_path):
+    from test_formats import _vtab
+
+    root = _vtab(tmp_path / "caltech101", n_train=12, n_val=6, n_test=6)
+    out = tmp_path / "runs"
+    assert main(["train", *TINY, "--data", str(root), "--split", "train800val200", "--epochs", "3",
+                 "--batch-size", "6", "--output", str(out)]) == 0
+    run = only_run(out)
+    m, hist = json.loads((run / "metrics.json").read_text()), _history(run)
+    assert m["split"] == "train800val200" and m["train_images"] == 18
+    assert m["best_epoch"] == 3 and m["val_top1"] == hist[-1]["val_top1"]

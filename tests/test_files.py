@@ -178,6 +178,18 @@ def test_version_2_files_load_with_their_old_tensor_names(adapter_file, tmp_path
     model = mslora.load_adapter(make_model("resnet"), v2)
     for k, v in tensors.items():
         assert torch.equal(model.state_dict()[k], v)
+    # version 1: the same old names and no checksum (it had none), nor the backbone and version keys
+    v1 = rewrite(adapter_file, tmp_path / "v1.safetensors", old, format="mslora.adapter/1", sha256=None,
+                 backbone=None, mslora_version=None, note=None)
+    with safe_open(str(v1), framework="pt") as f:
+        assert set(f.metadata()) == {"format", "method", "config"}
+    model = mslora.load_adapter(make_model("resnet"), v1)
+    for k, v in tensors.items():
+        assert torch.equal(model.state_dict()[k], v)
+    # a version-2 file without its checksum is refused (only version 1 lacked one)
+    nosum = rewrite(adapter_file, tmp_path / "nosum.safetensors", old, format="mslora.adapter/2", sha256=None)
+    with pytest.raises(ValueError, match="was altered"):
+        mslora.load_adapter(make_model("resnet"), nosum)
 
 
 def test_adapter_files_carry_backbone_and_version_and_refuse_another_backbone(tmp_path):

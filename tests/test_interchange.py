@@ -57,3 +57,33 @@ def test_interchange_refusals(tmp_path):
         export_peft(mslora.adapt(timm.create_model("test_resnet"), "mslora", rank=8), tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
         import_peft(timm.create_model("test_resnet"), tmp_path)
+
+
+@pytest.mark.parametrize("method,config", [
+    ("dora", lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["qkv", "fc1"], modules_to_save=["head"])),
+    ("hira", lambda: __import__("peft").HiraConfig(r=4, target_modules=["qkv", "fc1"], modules_to_save=["head"])),
+])
+def test_import_of_dora_and_hira_gives_peft_outputs(method, config, tmp_path):
+    torch.manual_seed(0)
+    base = timm.create_model("test_vit", num_classes=3).eval()
+    theirs = _perturbed(get_peft_model(copy.deepcopy(base), config())).eval()
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = import_peft(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert mslora.adaptation(ours).method == method and mslora.adaptation(ours).config.rank == 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+        assert not torch.allclose(ours(x), base(x))
+
+
+def test_pissa_is_refused_both_ways(tmp_path):
+    with pytest.raises(ValueError, match="adapted with 'pissa'.*PiSSA rewrites the backbone's weights"):
+        export_peft(mslora.adapt(timm.create_model("test_vit"), "pissa"), tmp_path / "x")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(timm.create_model("test_vit", num_classes=3), LoraConfig(
+        r=4, target_modules=["qkv"], init_lora_weights="pissa"))
+    peft_model.save_pretrained(str(tmp_path / "pissa"))
+    fresh = timm.create_model("test_vit", num_classes=3)
+    with pytest.raises(ValueError, match="PiSSA adapter needs the backbone weights it rewrote"):
+        import_peft(fresh, tmp_path / "pissa")
+    assert mslora.adaptation(fresh) is None  # refused before anything was changed

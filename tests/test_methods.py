@@ -202,7 +202,11 @@ def test_mona_two_modules_per_transformer_block_one_per_cnn_block():
     res = mslora.adapt(make_model("resnet"), "mona")
     assert list(res.adapters) == ["layer1_0", "layer2_0", "layer3_0", "layer4_0"]
     m = vit.adapters["blocks_0_mona2"]  # the released code's init
-    assert torch.equal(m.gamma, torch.full_like(m.gamma, 1e-6)) and m.project1.weight.std() < 0.03
+    assert torch.equal(m.gamma, torch.full_like(m.gamma, 1e-6)) and torch.equal(m.gammax, torch.ones_like(m.gammax))
+    for lin in (m.project1, m.project2):  # trunc-normal(std 0.02) weights, zero biases
+        assert 0.015 < lin.weight.std() < 0.025 and not lin.bias.any()
+    ident = mslora.adapt(make_model("vit"), "mona", init="identity").adapters["blocks_0_mona2"]
+    assert not ident.project2.weight.any() and 0.015 < ident.project1.weight.std() < 0.025
 
 
 def test_rlrr_scales_q_k_v_apart_inside_the_fused_qkv():
@@ -224,7 +228,11 @@ def test_rlrr_on_cnns_uses_the_official_kernel_layout_and_leaves_batchnorm():
     rescale = conv.parametrizations.weight[0]
     assert rescale.s_left.shape == (o * k, 1) and rescale.s_right.shape == (1, 1, i * k)
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".bn" in n)
-    assert model.conv1[0].parametrizations.weight is not None  # the stem too (supp. Table 12 counts it)
+    from torch.nn.utils import parametrize
+
+    stem = model.conv1[0]  # the stem too (supp. Table 12 counts it)
+    assert parametrize.is_parametrized(stem, "weight") and isinstance(stem.parametrizations.weight[0],
+                                                                      mslora.core.reparam.Rescale)
 
 
 def test_colora_filter_builds_no_graph_and_passes_gradients_through():

@@ -116,16 +116,37 @@ def test_paper_table_rows():
     assert _count(proj)[0] == 3 * sum(RESNET50) * 128 // 4 + 16 * 2 * 128 + sum(RESNET50)
 
 
+# Rows whose count, rounded as the paper prints it, differs from the paper's, and why (each must still differ: a
+# row that comes to match is taken off this list).
+MISMATCHES = {
+    ("RLRR supp. Table 12", "resnet18", (("rank", 1),)): "0.0748M rounds to 0.07; the printed 0.08 is not reached by "
+    "any count of the official (O k) x (I k) layout (with or without the 100-class head's bias)",
+    ("CoLoRA supp. Table 8", "convnext_base", (("bias_norm", True), ("gamma", 4), ("shared_ratio", 0.4))):
+        "19.45M: the depth-wise branch is our reading (the supplement does not describe it), within 0.2M",
+    ("CoLoRA supp. Table 8", "convnext_base", (("bias_norm", True), ("gamma", 2), ("shared_ratio", 0.9))):
+        "17.63M: the depth-wise branch is our reading, within 0.2M",
+    ("CoLoRA supp. Table 8", "convnext_base", (("bias_norm", True), ("gamma", 2), ("shared_ratio", 0.8))):
+        "21.75M: the depth-wise branch is our reading, within 0.2M",
+}
+
+
 def test_rlrr_table12_and_colora_table8_counts():
-    # RLRR supp. Table 12 (CNNs, official (O k) x (I k) layout, CIFAR-100 heads included) and Table 2 (ViT-B/16):
-    # within 0.006M of the printed two decimals (ResNet-18 rank 1 is 0.0748M against a printed 0.08M). CoLoRA supp. Table 8 (ConvNeXt-B, depth-wise branch, biases and norms trained): within 0.2M.
+    """RLRR supp. Table 12 (CNNs, the official (O k) x (I k) layout, CIFAR-100 heads included), RLRR Table 2
+    (ViT-B/16) and CoLoRA supp. Table 8 (ConvNeXt-B, depth-wise branch, biases and norms trained): our count rounded
+    to the paper's printed decimals equals the paper's, except the rows of MISMATCHES, which name their reason."""
     from mslora.paper import ROWS, _count
 
     rows = [r for r in ROWS if r.source in ("RLRR supp. Table 12", "CoLoRA supp. Table 8", "RLRR Table 2")]
     assert len(rows) == 13
+    seen = set()
     for row in rows:
         ours = _count(row)[0] / 1e6
-        if row.source == "CoLoRA supp. Table 8":
+        decimals = len(repr(row.paper_m).split(".")[1])
+        key = (row.source, row.backbone, tuple(sorted(row.options.items())))
+        if key in MISMATCHES:
+            seen.add(key)
+            assert round(ours, decimals) != row.paper_m, (key, "now matches: take it off MISMATCHES")
             assert abs(ours - row.paper_m) <= 0.2, (row, ours)
         else:
-            assert abs(ours - row.paper_m) <= 0.006, (row, ours)
+            assert round(ours, decimals) == row.paper_m, (row, ours)
+    assert seen == set(MISMATCHES)

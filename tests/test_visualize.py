@@ -12,7 +12,10 @@ from mslora.visualize import choose_sites, site_maps
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
 def test_site_maps_frozen_adapted_and_update(backbone):
     torch.manual_seed(0)
-    model = timm.create_model(backbone, num_classes=3).eval()
+    # zero_init_last=False: a random-init timm ResNet zeroes each block's last BatchNorm, so an adapter inside a block
+    # could not change what later sites see
+    kw = {"zero_init_last": False} if backbone == "test_resnet" else {}
+    model = timm.create_model(backbone, num_classes=3, **kw).eval()
     x = torch.randn(2, 3, 32, 32)
     feats = {}
     model = mslora.adapt(model, "mslora", rank=8, zero_init=False)
@@ -21,13 +24,23 @@ def test_site_maps_frozen_adapted_and_update(backbone):
     for r in rows:
         assert r["frozen"].shape == r["adapted"].shape == r["update"].shape and r["frozen"].shape[0] == 2
         assert r["update"].abs().sum() > 0
-    # the first site has no adapter before it: its frozen features are the adapted model's input there
-    mod = dict(model.named_modules())[rows[0]["name"]]
-    h = mod.register_forward_hook(lambda m, a, o: feats.update(f=m.layout.to_2d(a[0])[0]))  # returns None
+    # "frozen" is the backbone with every adapter bypassed: at the last site (after all the others) it is the
+    # unadapted backbone's features there, which the adapted model's own input to that site is not
+    last = dict(model.named_modules())[rows[-1]["name"]]
+    h = last.register_forward_hook(lambda m, a, o: feats.update(adapted_in=m.layout.to_2d(a[0])[0]))  # returns None
     with torch.no_grad():
         model(x)
     h.remove()
-    torch.testing.assert_close(rows[0]["frozen"], feats["f"].abs().mean(1))
+    plain = mslora.unadapt(model)
+    site = rows[-1]["name"].removeprefix("adapters.")
+    site = next(n for n, _ in plain.named_modules() if n.replace(".", "_") == site)
+    h = plain.get_submodule(site).register_forward_hook(lambda m, a, o: feats.update(plain=o))
+    with torch.no_grad():
+        plain(x)
+    h.remove()
+    plain_map = last.layout.to_2d(feats["plain"])[0].abs().mean(1)
+    torch.testing.assert_close(rows[-1]["frozen"], plain_map)
+    assert not torch.allclose(rows[-1]["frozen"], feats["adapted_in"].abs().mean(1))
     chosen = choose_sites(rows)
     sizes = [tuple(r["frozen"].shape[-2:]) for r in chosen]
     if backbone == "test_vit":  # one resolution: evenly spaced, the last block included

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
+from torchvision.ops import box_convert
 from tqdm import tqdm
 
 import mslora
@@ -170,8 +171,7 @@ class Detection(_Dense):
         for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
             per_image = []
             for out, t in zip(model(images), targets):
-                b = out["boxes"].float().cpu()
-                b[:, 2:] -= b[:, :2]
+                b = box_convert(out["boxes"].float().cpu(), "xyxy", "xywh")  # COCO's [x, y, w, h], a new tensor
                 cats = [category_of[int(c)] for c in out["labels"]]
                 dets = [{"image_id": t["image_id"], "category_id": c, "bbox": [round(float(v), 2) for v in box],
                          "score": float(s)} for c, box, s in zip(cats, b, out["scores"])]
