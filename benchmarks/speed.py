@@ -25,7 +25,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def run(a: argparse.Namespace) -> None:
-    from mslora.bench import bench
+    from mslora.tools.bench import bench
 
     path = RESULTS / f"speed_{a.device}.json"
     rows = json.loads(path.read_text()) if path.exists() else []

@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["mslora", "linear"])
     a = p.parse_args()
     from mslora.engine import main_job, train
-    from mslora.report import report
+    from mslora.tools.report import report
 
     folder = write_vtab1k(FOLDER)
     with tempfile.TemporaryDirectory() as runs:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from mslora.bench import bench
+from mslora.tools.bench import bench
 from mslora.cli import main
 
 KEYS = {"method", "options", "backbone", "device", "dtype", "memory_format", "batch_size", "img_size", "train_step_ms",

@@ -131,12 +131,12 @@ def test_train_vit_at_another_image_size(image_folder, tmp_path, capsys):
     assert ev["test_top1"] == m["test_top1"] and ev["test_loss"] == pytest.approx(m["test_loss"], rel=1e-6)
 
 
-def test_params_requires_backbone_or_paper(capsys):
+def test_params_requires_backbone(capsys):
     one_line_error(capsys, ["params", "--method", "mslora"], "--backbone NAME is required")
 
 
 def test_main_job_options_do_not_leak_into_other_methods(capsys):
-    from mslora.cli import _train_config
+    from mslora.engine.config import config_from_args as _train_config
     from mslora.engine import TrainConfig, main_job
 
     assert main_job().method == "mslora" and main_job().method_options == {"rank": 32}  # the main job's rank

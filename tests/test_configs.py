@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mslora.cli import _train_config
+from mslora.engine.config import config_from_args as _train_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import mslora
-from mslora.data.dense import IGNORE, load_dense, recognise
+from mslora.data.dense import load_dense, recognise
+from mslora.data.transforms import IGNORE
 from mslora.data.scenes import write_scenes
 from mslora.engine import TrainConfig, evaluate_adapter, train
 from mslora.tasks import get_task
@@ -188,8 +189,8 @@ def test_every_adapter_family_under_a_detector_on_vit_and_swin(method):
     """Feature-space, weight-space, prompt and bias methods under Faster R-CNN on random-init ViT and Swin."""
     import timm
 
-    from mslora.detection import build_detector
-    from mslora.tasks.dense import lift_adaptation
+    from mslora.tasks.detect import build_detector
+    from mslora.core.adapt import lift_adaptation
 
     for name, kw in (("test_vit", dict(dynamic_img_size=True)),
                      ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1, 1), num_heads=(1, 2, 2),
@@ -242,7 +243,7 @@ def test_detection_under_two_gloo_processes(scenes, tmp_path):
                                          if p.name.startswith(("coco_", "voc_", "ade20k_"))))
 def test_paper_configs_load(path):
     """Every shipped config parses into a dense-task TrainConfig with the papers' settings."""
-    from mslora.cli import _train_config
+    from mslora.engine.config import config_from_args as _train_config
 
     cfg = _train_config(["--config", path])
     assert cfg.task in ("detect", "segment") and cfg.epochs in (12, 36, 127) and cfg.batch_size == 16

@@ -5,7 +5,7 @@ import timm
 import torch
 
 import mslora
-from mslora.detection import build_detector
+from mslora.tasks.detect import build_detector
 
 BACKBONES = {
     "resnet": ("test_resnet", dict(zero_init_last=False)),

@@ -5,7 +5,7 @@ import timm
 import torch
 
 import mslora
-from mslora.features import Features
+from mslora.backbones import Features
 
 SWIN = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=64, window_size=4, strict_img_size=False)
 

@@ -161,7 +161,7 @@ def test_weights_files_that_need_code_execution_are_refused(tmp_path):
 def test_version_2_files_load_with_their_old_tensor_names(adapter_file, tmp_path):
     # Before issue 7 an adapter was a child of its site: 'layer1.0.act1.mslora.proj.weight'; now it lives in
     # model.adapters: 'adapters.layer1_0_act1.proj.weight'. A version-2 file is read with its names translated.
-    from mslora.core.state import _digest
+    from mslora.core.state import tensor_digest as _digest
 
     with safe_open(str(adapter_file), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -202,7 +202,7 @@ def test_adapter_files_carry_backbone_and_version_and_refuse_another_backbone(tm
     # a file written before the runtime-only option grad_checkpointing existed still loads
     tensors, meta = mslora.read_adapter(path)
     old_config = {k: v for k, v in meta["config"].items() if k != "grad_checkpointing"}
-    from mslora.core.state import _digest
+    from mslora.core.state import tensor_digest as _digest
 
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={
         "format": meta["format"], "method": "mslora", "config": json.dumps(old_config), "sha256": _digest(tensors)})

@@ -1,4 +1,4 @@
-"""PEFT's adapter format both ways (mslora.interchange), checked against PEFT's own PeftModel."""
+"""PEFT's adapter format both ways (mslora.core.peft_format), checked against PEFT's own PeftModel."""
 import copy
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import mslora
-from mslora.interchange import export_peft, import_peft
+from mslora.core.peft_format import export_peft, import_peft
 
 
 def _perturbed(model):

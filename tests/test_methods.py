@@ -236,10 +236,10 @@ def test_rlrr_on_cnns_uses_the_official_kernel_layout_and_leaves_batchnorm():
 
 
 def test_colora_filter_builds_no_graph_and_passes_gradients_through():
-    from mslora.methods.colora import bilateral_filter, filtered
+    from mslora.methods.colora import bilateral_filter, filter_without_gradient
 
     z = torch.randn(1, 4, 8, 8, requires_grad=True)
-    out = filtered(z)
+    out = filter_without_gradient(z)
     torch.testing.assert_close(out, bilateral_filter(z.detach()))
     out.sum().backward()
     assert torch.equal(z.grad, torch.ones_like(z))  # identity for gradients: no graph through cos / sin

@@ -23,7 +23,7 @@ def expected_params(c, d, g, ks=(3, 5, 7), enhance=True, pool=False, gate=False,
 
 @pytest.mark.parametrize("c,d,g", [(64, 128, 4), (256, 128, 1), (96, 32, 8), (40, 16, 4)])
 def test_parameter_count_follows_eq3(c, d, g):
-    assert n_params(MSLoRA(c, d, g)) == expected_params(c, d, g)
+    assert n_params(MSLoRA(c, rank=d, groups=g)) == expected_params(c, d, g)
     assert 3 * c * d // g + d * d + 83 * d == expected_params(c, d, g) - 8 * d - c  # the paper's Eq. 3 term
 
 
@@ -32,7 +32,7 @@ def test_parameter_count_follows_eq3(c, d, g):
                                   dict(kernel_sizes=(3, 5, 7, 9))])
 def test_parameter_count_with_options(opts):
     ks = opts.get("kernel_sizes", (3, 5, 7))
-    m = MSLoRA(64, 32, 4, **opts)
+    m = MSLoRA(64, rank=32, groups=4, **opts)
     assert n_params(m) == expected_params(64, 32, 4, ks, opts.get("enhance", True), opts.get("global_pool", False),
                                           opts.get("gate", False), opts.get("input_norm", False))
 
@@ -40,17 +40,17 @@ def test_parameter_count_with_options(opts):
 @pytest.mark.parametrize("opts", [{}, dict(global_pool=True, gate=True, channel_shuffle=True), dict(input_norm=True)])
 def test_identity_at_init_and_not_after(opts):
     x = torch.randn(2, 64, 9, 7)
-    m = MSLoRA(64, 32, 4, **opts)
+    m = MSLoRA(64, rank=32, groups=4, **opts)
     assert torch.equal(m(x), x)  # zero-initialised up-projection: exactly the identity
-    m_free = MSLoRA(64, 32, 4, zero_init=False, **opts)
+    m_free = MSLoRA(64, rank=32, groups=4, zero_init=False, **opts)
     assert not torch.allclose(m_free(x), x)
 
 
 def test_channel_shuffle_mixes_groups():
     torch.manual_seed(0)
     x = torch.randn(1, 64, 5, 5)
-    plain = MSLoRA(64, 32, 4, zero_init=False)
-    shuffled = MSLoRA(64, 32, 4, zero_init=False, channel_shuffle=True)
+    plain = MSLoRA(64, rank=32, groups=4, zero_init=False)
+    shuffled = MSLoRA(64, rank=32, groups=4, zero_init=False, channel_shuffle=True)
     shuffled.load_state_dict(plain.state_dict())
     # Perturb only group 0 of the input: without shuffle the linear branch keeps the change in group 0's
     # output channels; with shuffle the up-projection of every group sees it.
@@ -80,8 +80,8 @@ def test_config_validation(opts, match):
 def test_nhwc_layout_matches_nchw():
     torch.manual_seed(0)
     x = torch.randn(2, 32, 6, 5)  # (B, C, H, W)
-    a = MSLoRA(32, 16, 4, zero_init=False)
-    b = MSLoRA(32, 16, 4, zero_init=False, layout=Layout("nhwc"))
+    a = MSLoRA(32, rank=16, groups=4, zero_init=False)
+    b = MSLoRA(32, rank=16, groups=4, zero_init=False, layout=Layout("nhwc"))
     b.load_state_dict(a.state_dict())
     out = b(x.permute(0, 2, 3, 1))  # (B, H, W, C) in and out
     assert out.shape == (2, 6, 5, 32)
@@ -93,8 +93,8 @@ def test_tokens_layout_reshapes_patches_and_passes_prefix():
     grid = torch.randn(2, 32, 4, 6)  # (B, C, H, W)
     prefix = torch.randn(2, 3, 32)  # cls + 2 register tokens
     tokens = torch.cat([prefix, grid.flatten(2).transpose(1, 2)], 1)  # (B, 3 + 24, C)
-    a = MSLoRA(32, 16, 4, zero_init=False)
-    b = MSLoRA(32, 16, 4, zero_init=False, layout=Layout("tokens", 3, (4, 6)))
+    a = MSLoRA(32, rank=16, groups=4, zero_init=False)
+    b = MSLoRA(32, rank=16, groups=4, zero_init=False, layout=Layout("tokens", 3, (4, 6)))
     b.load_state_dict(a.state_dict())
     out = b(tokens)
     assert torch.equal(out[:, :3], prefix)
@@ -102,7 +102,7 @@ def test_tokens_layout_reshapes_patches_and_passes_prefix():
 
 
 def test_tokens_layout_rejects_non_grid():
-    m = MSLoRA(32, 16, 4, layout=Layout("tokens", 1, (4, 6)))
+    m = MSLoRA(32, rank=16, groups=4, layout=Layout("tokens", 1, (4, 6)))
     with pytest.raises(ValueError, match="fit neither"):
         m(torch.randn(1, 1 + 23, 32))
 

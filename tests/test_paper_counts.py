@@ -3,12 +3,17 @@
 Models are built on the meta device: no memory, no weights, no network.
 """
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import mslora
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from paper_counts import ROWS, count, formula  # noqa: E402  (benchmarks/ holds the papers' rows)
 
 D = 128
 EQ3_BLOCK = D * D + 83 * D  # Eq. 3 terms that do not depend on C_in or G
@@ -106,14 +111,13 @@ def test_adapter_counts_follow_rlrr_supp_table4():
 
 
 def test_paper_table_rows():
-    from mslora.paper import ROWS, _count, formula
 
     vpt = next(r for r in ROWS if r.method == "vpt" and r.options["deep"] and r.backbone.startswith("vit_base"))
-    assert _count(vpt)[0] == formula(vpt) == 10 * 768 * 12
+    assert count(vpt)[0] == formula(vpt) == 10 * 768 * 12
     proj = next(r for r in ROWS if r.source == "MSLoRA Table 1" and r.backbone == "resnet50" and r.part == "proj"
                 and r.options["groups"] == 4)
     # Eq. 3's projection term 3 * C * D / G over the 16 bottlenecks, plus the three projections' biases
-    assert _count(proj)[0] == 3 * sum(RESNET50) * 128 // 4 + 16 * 2 * 128 + sum(RESNET50)
+    assert count(proj)[0] == 3 * sum(RESNET50) * 128 // 4 + 16 * 2 * 128 + sum(RESNET50)
 
 
 # Rows whose count, rounded as the paper prints it, differs from the paper's, and why (each must still differ: a
@@ -134,13 +138,12 @@ def test_rlrr_table12_and_colora_table8_counts():
     """RLRR supp. Table 12 (CNNs, the official (O k) x (I k) layout, CIFAR-100 heads included), RLRR Table 2
     (ViT-B/16) and CoLoRA supp. Table 8 (ConvNeXt-B, depth-wise branch, biases and norms trained): our count rounded
     to the paper's printed decimals equals the paper's, except the rows of MISMATCHES, which name their reason."""
-    from mslora.paper import ROWS, _count
 
     rows = [r for r in ROWS if r.source in ("RLRR supp. Table 12", "CoLoRA supp. Table 8", "RLRR Table 2")]
     assert len(rows) == 13
     seen = set()
     for row in rows:
-        ours = _count(row)[0] / 1e6
+        ours = count(row)[0] / 1e6
         decimals = len(repr(row.paper_m).split(".")[1])
         key = (row.source, row.backbone, tuple(sorted(row.options.items())))
         if key in MISMATCHES:

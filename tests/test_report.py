@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from mslora.cli import main
-from mslora.report import report
+from mslora.tools.report import report
 
 
 def _run(root, name, method, seed, test, collapsed=False, params=1000):
@@ -45,7 +45,7 @@ def test_report_errors_before_writing(tmp_path, capsys):
 def test_sweep_over_vtab_task_folders(tmp_path, capsys):
     from test_formats import _vtab
 
-    from mslora.sweep import table
+    from mslora.tools.sweep import table
 
     for task in ("cifar", "eurosat"):
         _vtab(tmp_path / "vtab" / task)

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import mslora
-from mslora.segmentation import UPerNet, confusion_matrix, segmentation_metrics
+from mslora.tasks.segment import UPerNet, confusion_matrix, segmentation_metrics
 
 BACKBONES = {
     "resnet": ("test_resnet", dict(zero_init_last=False)),

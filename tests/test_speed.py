@@ -19,7 +19,7 @@ CASES = [  # (layout, input shape, shape the module sees as NCHW)
 @pytest.mark.parametrize("layout,shape", CASES, ids=[c[0].kind for c in CASES])
 def test_mslora_module_compiles_without_graph_breaks(layout, shape):
     torch.manual_seed(0)
-    m = MSLoRA(16, 8, 4, global_pool=True, gate=True, channel_shuffle=True, input_norm=True, zero_init=False,
+    m = MSLoRA(16, rank=8, groups=4, global_pool=True, gate=True, channel_shuffle=True, input_norm=True, zero_init=False,
                layout=layout)
     x = torch.randn(shape, requires_grad=True)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
@@ -31,7 +31,7 @@ def test_mslora_module_compiles_without_graph_breaks(layout, shape):
 
 
 def test_mslora_keeps_channels_last_and_nhwc_without_copies():
-    m = MSLoRA(16, 8, 4, zero_init=False)
+    m = MSLoRA(16, rank=8, groups=4, zero_init=False)
     x = torch.randn(2, 16, 6, 10).contiguous(memory_format=torch.channels_last)
     assert m(x).is_contiguous(memory_format=torch.channels_last)
     m.layout = Layout("nhwc")
@@ -57,8 +57,8 @@ def test_weight_space_methods_compute_each_weight_once_per_step(method):
 
 def test_mslora_grad_checkpointing_same_gradients_less_saved():
     torch.manual_seed(0)
-    plain = MSLoRA(16, 32, 4, zero_init=False)
-    ckpt = MSLoRA(16, 32, 4, zero_init=False, grad_checkpointing=True)
+    plain = MSLoRA(16, rank=32, groups=4, zero_init=False)
+    ckpt = MSLoRA(16, rank=32, groups=4, zero_init=False, grad_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 16, 24, 24)
 

@@ -6,7 +6,7 @@ from PIL import Image
 
 import mslora
 from mslora.cli import main
-from mslora.visualize import choose_sites, site_maps
+from mslora.tools.visualize import choose_sites, site_maps
 
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])

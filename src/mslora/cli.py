@@ -1,173 +1,37 @@
 """Command line: ``mslora train | eval | params | merge | bench | report | visualize | sweep``.
 
-Options come from the config dataclasses (:class:`mslora.engine.TrainConfig` and the chosen method's
-config), their help from the comment on each field. Precedence: defaults < ``--config FILE.yaml`` < flags; a
-``--method`` flag naming another method than the file's drops the file's method options.
-A user's mistake exits with status 2 and one line on stderr (set MSLORA_DEBUG=1 for the traceback).
+Options come from the config dataclasses (:class:`mslora.engine.config.TrainConfig` and the chosen method's
+config), their help from each field's metadata (:func:`mslora.methods.options.option`). Precedence: defaults <
+``--config FILE.yaml`` < flags < ``--set KEY=VALUE``; a ``--method`` flag naming another method than the file's
+drops the file's method options. A user's mistake exits with status 2 and one line on stderr (set MSLORA_DEBUG=1
+for the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import logging
 import os
 import re
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any
 
-import yaml
+from accelerate import PartialState
 
+from mslora.backbones import meta_model
+from mslora.core.adapt import adapt, merge, save_backbone
+from mslora.core.state import count_parameters
+from mslora.engine.config import MAIN_JOB_METHOD_OPTIONS, add_fields, config_from_args
+from mslora.engine.loop import TrainingDiverged, evaluate_adapter, resume, train
+from mslora.engine.rebuild import rebuild, run_config
 from mslora.registry import get_method, list_methods
-
-_TRAIN_ONLY = {"method_options"}
-
-
-def _field_help(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field line in the dataclass source (the fields' only docs)."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.M))
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
-    """One ``--name`` option per dataclass field, default SUPPRESS so only given flags appear."""
-    from mslora.engine.config import TASK_DEFAULTS, TrainConfig
-
-    hints, helps = typing.get_type_hints(cls), _field_help(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp = hints[f.name]
-        args = typing.get_args(tp)
-        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-            tp = next(a for a in args if a is not type(None))  # Optional[X] -> X
-            args = typing.get_args(tp)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        by_task = {t: d[f.name] for t, d in TASK_DEFAULTS.items() if f.name in d} if cls is TrainConfig else {}
-        if default is None and by_task:
-            default = ", ".join(f"{t} {v}" for t, v in by_task.items())
-        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {default})")
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is tuple:
-            kw.update(nargs="+", type=args[0], metavar=f.name.upper())
-        elif tp in (int, float, str):
-            kw.update(type=tp, metavar=f.name.upper())
-        else:
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def _load_yaml(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file '{p}' does not exist")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"config file '{p}' must hold a mapping of option: value, got {type(values).__name__}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
-
-
-def _pop_sets(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """Take ``--set KEY=VALUE`` pairs out of ``argv`` (values read as YAML: ``rank=64``, ``kernel_sizes=[3,5]``,
-    ``enhance=false``); returns the other arguments and the pairs, keys with ``-`` as ``_``.
-
-    Raises:
-        ValueError: a pair without ``=``, or a missing pair after ``--set``.
-    """
-    rest, sets = [], {}
-    it = iter(argv)
-    for a in it:
-        if a != "--set" and not a.startswith("--set="):
-            rest.append(a)
-            continue
-        item = a.partition("=")[2] if a.startswith("--set=") else next(it, None)
-        if item is None or "=" not in item:
-            raise ValueError(f"--set {item or ''} is not KEY=VALUE (e.g. --set lr=0.001)")
-        key, _, value = item.partition("=")
-        parsed = yaml.safe_load(value) if value.strip() else None
-        if isinstance(parsed, str):
-            try:
-                parsed = float(parsed)  # YAML 1.1 reads 2e-3 (no dot) as a string
-            except ValueError:
-                pass
-        sets[key.strip().replace("-", "_")] = parsed
-    return rest, sets
-
-
-def _train_config(argv: list[str]):
-    """Parse ``mslora train`` arguments into a TrainConfig (defaults < YAML < flags < ``--set KEY=VALUE``).
-
-    Without ``--config``, a run of the main job's method is the main job (its method options, e.g. MSLoRA's
-    rank 32, under the flags); another method starts from its own defaults.
-    """
-    from mslora.engine.config import MAIN_JOB_METHOD, MAIN_JOB_METHOD_OPTIONS, TrainConfig
-
-    argv, sets = _pop_sets(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    pre.add_argument("--method")
-    known, _ = pre.parse_known_args(argv)
-    known.method = sets.pop("method", known.method)
-    from_yaml = _load_yaml(known.config)
-    method = known.method or from_yaml.get("method") or TrainConfig.method
-    spec = get_method(method)
-
-    parser = argparse.ArgumentParser(prog="mslora train", description="Train a method on a backbone and dataset; "
-                                     "with no arguments, the main job (see README).")
-    parser.add_argument("--config", help="YAML file of option: value (flags override it)")
-    parser.add_argument("--set", metavar="KEY=VALUE", action="append", help="set any training or method option, "
-                        "the value read as YAML (e.g. --set lr=1e-3 --set kernel_sizes=[3,5]); overrides the flags")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, with its "
-                        "own config.yaml (no other option may be given)")
-    _add_fields(parser.add_argument_group("training"), TrainConfig, _TRAIN_ONLY)
-    _add_fields(parser.add_argument_group(f"options of method '{method}'"), spec.config_cls)
-    flags = vars(parser.parse_args(argv))
-    flags.pop("config", None)
-    flags.pop("set", None)
-    if flags.get("resume"):
-        if len(flags) > 1 or known.config:
-            raise ValueError("--resume RUN_DIR continues a run with its own config.yaml; give no other option")
-        return flags["resume"]
-    flags.pop("resume", None)
-
-    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - _TRAIN_ONLY
-    method_names = {f.name for f in dataclasses.fields(spec.config_cls)}
-    if known.method and from_yaml.get("method") not in (None, known.method):
-        # The file's method options belong to the file's method; another method given as a flag starts from its
-        # own defaults (as without --config), so one paper config serves the comparison rows too.
-        from_yaml = {k: v for k, v in from_yaml.items() if k in train_names}
-    values = {**from_yaml, **flags, **sets, **({"method": method} if known.method else {})}
-    unknown = sorted(set(values) - train_names - method_names - {"method_options"})
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} in {known.config}; expected training options or "
-                         f"options of method '{method}': {', '.join(sorted(method_names)) or '(none)'}")
-    options = {**values.get("method_options", {}), **{k: v for k, v in values.items() if k in method_names}}
-    if not known.config and method == MAIN_JOB_METHOD:
-        options = {**MAIN_JOB_METHOD_OPTIONS, **options}
-    return TrainConfig(**{k: v for k, v in values.items() if k in train_names}, method_options=options)
 
 
 def cmd_train(argv: list[str]) -> int:
     """``mslora train``: train (or ``--resume`` a run), print the key metrics as JSON and the run directory;
     returns 0 (a collapsed run says so on stderr and in its metrics.json)."""
-    from accelerate import PartialState
-
-    from mslora.engine import resume, train
-
-    cfg = _train_config(argv)
+    cfg = config_from_args(argv)
     metrics, run = resume(cfg) if isinstance(cfg, str) else train(cfg)
     if PartialState().is_main_process:
         keys = ("task", "method", "backbone", "trainable_params")
@@ -185,8 +49,6 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     """``mslora eval``: evaluate an adapter on its test split and print the metrics as JSON; returns 0."""
-    from mslora.engine import evaluate_adapter
-
     p = argparse.ArgumentParser(prog="mslora eval", description="Evaluate a trained adapter on the test split.")
     p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file")
     p.add_argument("--data", help="data source (default: the one the adapter was trained on)")
@@ -204,13 +66,6 @@ def cmd_merge(argv: list[str]) -> int:
     The file loads with timm alone: ``timm.create_model(NAME, pretrained=True,
     pretrained_cfg_overlay=dict(file=FILE, num_classes=N), num_classes=N)``.
     """
-    from accelerate.utils import set_seed
-
-    import mslora
-    from mslora.core.state import read_adapter
-    from mslora.engine.config import TrainConfig
-    from mslora.tasks import get_task
-
     p = argparse.ArgumentParser(prog="mslora merge", description="Merge a trained adapter into its backbone's "
                                 "weights and write a plain timm checkpoint (safetensors) that loads without mslora.")
     p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file of a training run")
@@ -221,51 +76,35 @@ def cmd_merge(argv: list[str]) -> int:
         raise ValueError(f"output '{out}' exists; choose a new file (nothing is overwritten)")
     if out.suffix != ".safetensors":
         raise ValueError(f"output '{out}' must end in .safetensors")
-    path = Path(a.adapter) / "adapter.safetensors" if Path(a.adapter).is_dir() else Path(a.adapter)
-    _, meta = read_adapter(path)
-    if "train_config" not in meta:
-        raise ValueError(f"'{path}' holds no training config; merge it in Python with mslora.merge")
-    cfg = TrainConfig.from_dict({**meta["train_config"], "workers": 0}, f"adapter file '{path}'")
+    _, _, cfg = run_config(a.adapter)
     if cfg.task != "classify":
-        raise ValueError(f"'{path}' adapts a {cfg.task} model (backbone + neck + heads); mslora merge writes a timm "
-                         "classifier checkpoint: merge the backbone in Python with mslora.merge")
-    set_seed(cfg.seed)  # a random-init backbone is rebuilt as in training
-    task = get_task(cfg.task)(cfg)
-    model = mslora.merge(task.build_model(adapter=path))
-    mslora.save_backbone(model, out)
+        raise ValueError(f"'{a.adapter}' adapts a {cfg.task} model (backbone + neck + heads); mslora merge writes a "
+                         "timm classifier checkpoint: merge the backbone in Python with mslora.merge")
+    _, model, _ = rebuild(a.adapter, workers=0)
+    save_backbone(merge(model), out)
     print(f"merged {cfg.method} into {cfg.backbone}: {out}")
     return 0
 
 
 def cmd_params(argv: list[str]) -> int:
-    """``mslora params``: parameter counts of an adapted backbone (meta device), or the papers' tables; returns 0."""
-    import mslora
-    from mslora.backbones import meta_model
-
+    """``mslora params``: parameter counts of an adapted backbone (meta device); returns 0."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="mslora")
     method = pre.parse_known_args(argv)[0].method
     spec = get_method(method)
     p = argparse.ArgumentParser(prog="mslora params", description="Count parameters of an adapted backbone "
-                                "without training (the model is built on the meta device: no memory, no weights).")
-    p.add_argument("--backbone", help="timm model name (required unless --paper)")
-    p.add_argument("--paper", action="store_true", help="print our counts next to every row of the source "
-                   "papers' parameter tables that timm can rebuild")
-    p.add_argument("--method", default="mslora", help=f"one of {', '.join(list_methods())}")
+                                "without training (the model is built on the meta device: no memory, no weights). "
+                                "The papers' tables next to our counts: python benchmarks/paper_counts.py.")
+    p.add_argument("--backbone", help="timm model name (required)")
+    p.add_argument("--method", default="mslora", help=f"one of {', '.join(list_methods())} (default: mslora)")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
-    _add_fields(p.add_argument_group(f"options of method '{method}'"), spec.config_cls)
+    add_fields(p.add_argument_group(f"options of method '{method}'"), spec.config_cls)
     a = vars(p.parse_args(argv))
-    if a["paper"]:
-        from mslora.paper import format_table, paper_table
-
-        rows = paper_table()
-        print(json.dumps(rows) if a["json"] else format_table(rows))
-        return 0
     if not a["backbone"]:
-        raise ValueError("--backbone NAME is required (or --paper)")
+        raise ValueError("--backbone NAME is required")
     options = {k: v for k, v in a.items() if k in {f.name for f in dataclasses.fields(spec.config_cls)}}
-    counts = mslora.count_parameters(mslora.adapt(meta_model(a["backbone"], a["num_classes"]), method, **options))
+    counts = count_parameters(adapt(meta_model(a["backbone"], a["num_classes"]), method, **options))
     if a["json"]:
         print(json.dumps(counts))
     else:
@@ -276,8 +115,9 @@ def cmd_params(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """``mslora bench``: training and inference cost of methods on one backbone (:mod:`mslora.bench`); returns 0."""
-    from mslora.bench import bench
+    """``mslora bench``: training and inference cost of methods on one backbone (:mod:`mslora.tools.bench`);
+    returns 0."""
+    from mslora.tools.bench import bench  # the tools import their own dependencies (profiler, matplotlib): on use
 
     p = argparse.ArgumentParser(prog="mslora bench", description="Measure training step time, peak training memory, "
                                 "inference latency (merged too), parameters and GFLOPs of methods on one backbone "
@@ -293,12 +133,14 @@ def cmd_bench(argv: list[str]) -> int:
                    help="channels-last memory format for model and input, as `mslora train` (default: on)")
     p.add_argument("--steps", type=int, default=12, help="timed rounds; the median is reported (default: 12)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: 3)")
-    p.add_argument("--rank", type=int, help="rank of mslora (default: the main job's 32) and of lora / peft_lora")
+    p.add_argument("--rank", type=int, help=f"rank of mslora (default: the main job's {MAIN_JOB_METHOD_OPTIONS['rank']}) "
+                   "and of lora / peft_lora (default: lora's own)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    rank = {"mslora": {"rank": a.rank or 32}, **({"lora": {"rank": a.rank}} if a.rank else {})}
+    rank = {"mslora": {**MAIN_JOB_METHOD_OPTIONS, **({"rank": a.rank} if a.rank else {})},
+            **({"lora": {"rank": a.rank}} if a.rank else {})}
     rows = bench(a.backbone, methods, a.img_size, a.batch_size, a.device, a.precision, a.channels_last, a.steps,
                  a.warmup, rank, memory=not a.no_memory)
     if a.json:
@@ -315,8 +157,8 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    """``mslora report``: runs as a markdown table and PNG plots (:mod:`mslora.report`); returns 0."""
-    from mslora.report import report
+    """``mslora report``: runs as a markdown table and PNG plots (:mod:`mslora.tools.report`); returns 0."""
+    from mslora.tools.report import report
 
     p = argparse.ArgumentParser(prog="mslora report", description="Turn finished runs into report.md (a row per "
                                 "run, mean ± std per method over runs that did not collapse) and PNG plots: "
@@ -329,8 +171,8 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_visualize(argv: list[str]) -> int:
-    """``mslora visualize``: MSLoRA's reweighting drawn per stage (:mod:`mslora.visualize`); returns 0."""
-    from mslora.visualize import visualize
+    """``mslora visualize``: MSLoRA's reweighting drawn per stage (:mod:`mslora.tools.visualize`); returns 0."""
+    from mslora.tools.visualize import visualize
 
     p = argparse.ArgumentParser(prog="mslora visualize", description="Draw, per stage, the frozen backbone's "
                                 "activation, the adapted model's and MSLoRA's reweighting map H(F) over each image "
@@ -347,8 +189,9 @@ def cmd_visualize(argv: list[str]) -> int:
 
 
 def cmd_sweep(argv: list[str]) -> int:
-    """``mslora sweep``: a training config over the VTAB-1k tasks, one results table (:mod:`mslora.sweep`)."""
-    from mslora.sweep import VTAB_TASKS, sweep
+    """``mslora sweep``: a training config over the VTAB-1k tasks, one results table (:mod:`mslora.tools.sweep`);
+    returns 0."""
+    from mslora.tools.sweep import VTAB_TASKS, sweep
 
     p = argparse.ArgumentParser(prog="mslora sweep", description="Train one config on each VTAB-1k task folder "
                                 "under --vtab-root and write one table (per task, group means, mean over tasks). "
@@ -367,7 +210,7 @@ USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
   train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
   eval     evaluate a trained adapter on its test split
-  params   parameter counts of an adapted backbone, or the papers' tables (--paper)
+  params   parameter counts of an adapted backbone
   merge    fold a trained adapter into its backbone and write a plain timm checkpoint
   bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)
   report   finished runs as a markdown table and PNG plots
@@ -385,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mslora: error: unknown command '{argv[0]}'; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from mslora.engine import TrainingDiverged
-
     try:
         return COMMANDS[argv[0]](argv[1:])
     except TrainingDiverged as e:

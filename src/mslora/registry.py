@@ -1,8 +1,10 @@
-"""Method registry: name -> (config dataclass, apply function, optional merge function).
+"""Methods and tasks by name.
 
 A method is registered once, with the decorator :func:`register`, next to its implementation in
-``mslora/methods/<name>.py``. Everything else (``mslora.adapt``, the trainer, the CLI, adapter files)
-finds methods here by name and never imports a method directly.
+``mslora/methods/<name>.py``; a task with :func:`register_task` next to its own (``mslora/tasks/<name>.py``).
+Everything else (``mslora.adapt``, the engine, the CLI, adapter files) finds them here by name and never imports a
+method or task module directly. This module imports none of them: ``import mslora`` imports the plug-in packages
+:mod:`mslora.methods` and :mod:`mslora.tasks`, whose modules register themselves.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ class Method:
         merge: ``merge(model, config) -> None`` folding the adapter into the backbone weights, or None when
             the method cannot merge; ``merge_impossible`` then says why.
         freeze_backbone: False only for methods that train backbone weights wholesale (full fine-tuning).
+        undo: ``undo(model, config) -> None`` for what only the method can take out again (PEFT's layers), called by
+            :func:`mslora.unadapt` before the generic clean-up (hooks, attached modules, parametrizations).
     """
 
     name: str
@@ -36,6 +40,7 @@ class Method:
     merge: Callable[[nn.Module, Any], None] | None = None
     merge_impossible: str = ""
     freeze_backbone: bool = True
+    undo: Callable[[nn.Module, Any], None] | None = None
 
     def make_config(self, **options: Any) -> Any:
         """Build the method's config from keyword options.
@@ -52,7 +57,7 @@ class Method:
             )
         hints = typing.get_type_hints(self.config_cls)
         for key, value in options.items():
-            if not _fits(value, hints[key]):
+            if not fits(value, hints[key]):
                 raise ValueError(f"option {key}={value!r} of method '{self.name}' must be of type "
                                  f"{getattr(hints[key], '__name__', None) or str(hints[key]).replace('typing.', '')}")
         try:
@@ -61,18 +66,18 @@ class Method:
             raise ValueError(f"invalid options for method '{self.name}': {e}") from None
 
 
-def _fits(value: Any, tp: Any) -> bool:
-    """Whether an option value has its field's type (int passes for float; bool never passes for int or float;
-    a list passes for a tuple of its element type)."""
+def fits(value: Any, tp: Any) -> bool:
+    """Whether an option value has its field's type ``tp`` (int passes for float; bool never passes for int or
+    float; a list passes for a tuple of its element type)."""
     if tp is Any:
         return True
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
+        return any(fits(value, a) for a in args)
     if tp is type(None):
         return value is None
     if origin is tuple:
-        return isinstance(value, (tuple, list)) and all(_fits(v, args[0]) for v in value)
+        return isinstance(value, (tuple, list)) and all(fits(v, args[0]) for v in value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -90,8 +95,9 @@ def register(
     merge: Callable[[nn.Module, Any], None] | None = None,
     merge_impossible: str = "",
     freeze_backbone: bool = True,
+    undo: Callable[[nn.Module, Any], None] | None = None,
 ) -> Callable[[Callable], Callable]:
-    """Decorator registering ``apply(model, config)`` under ``name``.
+    """Decorator registering ``apply(model, config)`` under ``name`` (see :class:`Method` for the rest).
 
     Raises:
         ValueError: ``name`` is already registered.
@@ -100,7 +106,7 @@ def register(
     def deco(apply: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method '{name}' is registered twice")
-        _METHODS[name] = Method(name, config_cls, apply, merge, merge_impossible, freeze_backbone)
+        _METHODS[name] = Method(name, config_cls, apply, merge, merge_impossible, freeze_backbone, undo)
         return apply
 
     return deco
@@ -112,7 +118,6 @@ def get_method(name: str) -> Method:
     Raises:
         ValueError: unknown name; the message lists close matches (difflib) or all methods.
     """
-    _load_builtin_methods()
     return lookup(_METHODS, name, "method")
 
 
@@ -127,10 +132,37 @@ def lookup(table: dict[str, Any], name: str, kind: str) -> Any:
 
 def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
-    _load_builtin_methods()
     return sorted(_METHODS)
 
 
-def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method (each module calls register()).
-    import mslora.methods  # noqa: F401
+_TASKS: dict[str, type] = {}
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    """Class decorator registering a task class (:class:`mslora.tasks.base.Task`) under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def deco(cls: type) -> type:
+        if name in _TASKS:
+            raise ValueError(f"task '{name}' is registered twice")
+        _TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_task(name: str) -> type:
+    """The task class registered as ``name``.
+
+    Raises:
+        ValueError: unknown task, with close matches or the known ones.
+    """
+    return lookup(_TASKS, name, "task")
+
+
+def list_tasks() -> list[str]:
+    """Names of the registered tasks, sorted."""
+    return sorted(_TASKS)

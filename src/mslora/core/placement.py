@@ -1,7 +1,7 @@
 """Where adapters go in a timm backbone: one table of the model families the library knows, a generic rule for
 every other family, and sites described by measurement.
 
-- **Blocks.** A family in :data:`FAMILIES` names its blocks by a regular expression (and, for MSLoRA, a site
+- **Blocks.** A family in :data:`mslora.core.families.FAMILIES` names its blocks by a regular expression (and, for MSLoRA, a site
   inside the block where the paper fixes one: ResNet bottlenecks, Sec. 3 and Fig. 2 right). Any other timm model
   takes its blocks from its own ``group_matcher(coarse=False)`` (the per-block groups timm uses for layer-wise
   learning-rate decay), else from ``feature_info`` (one site per feature stage).
@@ -26,66 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mslora.core.families import family, is_norm
 from mslora.core.layout import Layout
-
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
-
-
-@dataclass(frozen=True)
-class Family:
-    """What the library knows about one model family (matched by class name, base classes included).
-
-    Attributes:
-        classes: timm model class names.
-        blocks: regular expression matched in full against module names: the family's blocks.
-        pre_norm: the blocks output the un-normalised residual stream (MSLoRA's ``input_norm``); None: measured.
-        colora: names, relative to a block, of the adjacent 1x1 layers (first, second) CoLoRA adapts, and of the
-            depth-wise convolution that gets CoLoRA's filtered branch (ConvNeXt, CoLoRA supp. Table 8).
-        prompts: VPT can insert prompt tokens (one global token sequence, absolute position embedding); a string
-            says why not.
-        raster: tokens are in raster order, so reshaping them to a grid keeps space (Hiera unrolls them).
-    """
-
-    classes: tuple[str, ...]
-    blocks: str
-    pre_norm: bool | None = None
-    colora: tuple[str, ...] | None = None
-    prompts: bool | str = "VPT inserts prompts into one global token sequence (ViT, DeiT)"
-    raster: bool = True
-
-
-_POS = "its {} is computed for the patch tokens alone, so prompt tokens do not fit it"
-FAMILIES: tuple[Family, ...] = (
-    Family(("VisionTransformer",), r"blocks\.\d+", True, prompts=True),
-    Family(("Eva",), r"blocks\.\d+", True, prompts=_POS.format("rotary position embedding")),
-    Family(("Beit",), r"blocks\.\d+", True, prompts=_POS.format("relative position bias")),
-    Family(("VisionTransformerRelPos",), r"blocks\.\d+", True, prompts=_POS.format("relative position bias")),
-    Family(("SwinTransformer", "SwinTransformerV2"), r"layers\.\d+\.blocks\.\d+", True),
-    Family(("ConvNeXt",), r"stages\.\d+\.blocks\.\d+", True, colora=("mlp.fc1", "mlp.fc2", "conv_dw")),
-    Family(("EfficientNet", "MobileNetV3"), r"blocks\.\d+\.\d+", False, colora=("conv_pw", "conv_pwl")),
-    Family(("RegNet",), r"s\d+\.b\d+", False),
-    Family(("ResNet",), r"layer\d+\.\d+", False, colora=("conv1", "conv3")),
-    # HRNet's stages return one map per resolution; its branch blocks return one each.
-    Family(("HighResolutionNet",), r"layer1\.\d+|stage\d+\.\d+\.branches\.\d+\.\d+", False),
-    # CaiT and XCiT: the class-attention blocks see (and return) only the class token, so the patch blocks only.
-    Family(("Cait",), r"blocks\.\d+", True),
-    Family(("Xcit",), r"blocks\.\d+", True),
-    # CrossViT's multi-scale blocks return a list (one sequence per branch); the branch blocks return one each.
-    Family(("CrossVit",), r"blocks\.\d+\.blocks\.\d+\.\d+", True),
-    Family(("Hiera",), r"blocks\.\d+", True, raster=False),
-    # CoaT: the serial blocks; the parallel blocks return one sequence per scale (a tuple) and are left out.
-    Family(("CoaT",), r"serial_blocks\d\.\d+", True),
-)
-
-
-def family(model: nn.Module) -> Family | None:
-    """The :data:`FAMILIES` entry of the model's class or a base class, or None (the generic rule applies)."""
-    for cls in type(model).__mro__:
-        for fam in FAMILIES:
-            if cls.__name__ in fam.classes:
-                return fam
-    return None
-
 
 @dataclass(frozen=True)
 class Site:
@@ -107,7 +49,7 @@ class Site:
 
     @property
     def mode(self) -> str:
-        """How :func:`mslora.core.inject.attach` hooks an adapter here: ``'input'`` or ``'output'``."""
+        """How :func:`mslora.core.hooks.attach` hooks an adapter here: ``'input'`` or ``'output'``."""
         return "input" if self.on_input else "output"
 
 
@@ -118,7 +60,7 @@ def _regex(target_modules: str) -> re.Pattern:
         raise ValueError(f"target_modules='{target_modules}' is not a valid regex: {e}") from None
 
 
-def _finest(names: list[str]) -> list[str]:
+def innermost(names: list[str]) -> list[str]:
     """Drop names that contain another name of the list (keep the finest blocks)."""
     return [n for n in names if not any(o.startswith(n + ".") for o in names)]
 
@@ -140,7 +82,7 @@ def _matcher_blocks(model: nn.Module) -> list[str]:
         for rx, group in ([(value, None)] if isinstance(value, str) else value):
             if group is None:
                 regexes.append(re.compile(rx))
-    return _finest([n for n, _ in model.named_modules() if n and any(rx.fullmatch(n) for rx in regexes)])
+    return innermost([n for n, _ in model.named_modules() if n and any(rx.fullmatch(n) for rx in regexes)])
 
 
 def _feature_blocks(model: nn.Module) -> list[str]:
@@ -148,7 +90,7 @@ def _feature_blocks(model: nn.Module) -> list[str]:
     info = getattr(model, "feature_info", None) or []
     names = [f.get("module") for f in info if isinstance(f, dict) and f.get("reduction", 4) >= 4]
     have = dict(model.named_modules())
-    return _finest([n for n in names if n and n in have])
+    return innermost([n for n in names if n and n in have])
 
 
 def blocks(model: nn.Module) -> list[str]:
@@ -215,7 +157,7 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
+def meta_tensors_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose tensors are on the meta device (shapes only: no memory, no compute)."""
     memo = {}
     for t in model.buffers():
@@ -265,7 +207,7 @@ class _Probe:
             h.remove()
 
 
-def _run(model: nn.Module, names: list[str], on_input: dict[str, bool], size: tuple[int, int]) -> _Probe:
+def probe_forward(model: nn.Module, names: list[str], on_input: dict[str, bool], size: tuple[int, int]) -> _Probe:
     """One probe forward of a zero image of ``size`` (H, W) in eval mode, without gradients."""
     probe = _Probe(model, names, on_input)
     p = next(model.parameters())
@@ -290,32 +232,32 @@ def _probe(model: nn.Module, names: list[str], on_input: dict[str, bool]) -> tup
     """
     _, h, w = input_size(model)
     try:
-        ghost = _meta_copy(model)
-        first = _run(ghost, names, on_input, (h, w))
+        meta_copy = meta_tensors_copy(model)
+        first = probe_forward(meta_copy, names, on_input, (h, w))
     except Exception:  # an op without a meta kernel: probe the model itself, at its size only
         try:
-            return [_run(model, names, on_input, (h, w))], [(h, w)]
+            return [probe_forward(model, names, on_input, (h, w))], [(h, w)]
         except Exception as e:
             raise ValueError(f"cannot run {type(model).__name__} on a {h}x{w} image to find its adapter sites: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     for size in ((h + 32, w + 32), (2 * h, 2 * w)):
         try:
-            return [first, _run(ghost, names, on_input, size)], [(h, w), size]
+            return [first, probe_forward(meta_copy, names, on_input, size)], [(h, w), size]
         except Exception:
             pass
     timm_log = logging.getLogger("timm")
     level = timm_log.level
     try:
         timm_log.setLevel(logging.WARNING)  # not "Resized position embedding" on every adapt
-        ghost.set_input_size(img_size=(h + 32, w + 32))
-        return [first, _run(ghost, names, on_input, (h + 32, w + 32))], [(h, w), (h + 32, w + 32)]
+        meta_copy.set_input_size(img_size=(h + 32, w + 32))
+        return [first, probe_forward(meta_copy, names, on_input, (h + 32, w + 32))], [(h, w), (h + 32, w + 32)]
     except Exception:
         return [first], [(h, w)]
     finally:
         timm_log.setLevel(level)
 
 
-def _describe(name: str, shapes: list, sizes: list[tuple[int, int]], model: nn.Module, kind: str, raster: bool
+def measure_layout(name: str, shapes: list, sizes: list[tuple[int, int]], model: nn.Module, kind: str, raster: bool
               ) -> tuple[Layout, int]:
     """Layout and channel count of one site from its output shapes at the probe sizes (see module doc).
 
@@ -408,7 +350,7 @@ def find_sites(model: nn.Module, target_modules: str | None = None, layout: str 
     if target_modules is None:
         names, kind = blocks(model), "auto"
         on_input = {}
-        if inner and fam is not None and "ResNet" in fam.classes:
+        if inner and fam is not None and fam.inner_site:
             resolved = [_inner_site(model, b) for b in names]
             names, on_input = [n for n, _ in resolved], {n: i for n, i in resolved}
     else:
@@ -424,12 +366,27 @@ def find_sites(model: nn.Module, target_modules: str | None = None, layout: str 
         if shapes[0] is None:
             raise ValueError(f"module '{name}' did not run in a forward pass, so no adapter can act on it")
         shapes = [s for s in shapes if s is not None]
-        lay, channels = _describe(name, shapes, sizes[:len(shapes)], model, kind,
+        lay, channels = measure_layout(name, shapes, sizes[:len(shapes)], model, kind,
                                   fam.raster if fam is not None and target_modules is None else True)
         first = probes[0].first.get(name)
         if fam is not None and fam.pre_norm is not None and target_modules is None:
             pre = fam.pre_norm
         else:
-            pre = isinstance(first, NORM_TYPES) or type(first).__name__.endswith(("LayerNorm", "LayerNorm2d", "RmsNorm"))
+            pre = first is not None and is_norm(first)
         sites.append(Site(name, lay, channels, pre, on_input.get(name, False)))
     return sites
+
+
+def spatial_only(sites: list[Site], method: str) -> None:
+    """Refuse sites whose features are not a 2D grid (a depth-wise convolution over them would mix unrelated
+    positions).
+
+    Raises:
+        ValueError: naming the first such site.
+    """
+    for site in sites:
+        if not site.layout.spatial:
+            raise ValueError(f"{method} needs a spatial grid, but the tokens at '{site.name}' are not one (not in "
+                             "raster order, or their count does not follow the input size); adapt sites with "
+                             "(B, C, H, W) or (B, H, W, C) features via target_modules, or use a point-wise method "
+                             "(adapter, lorand, lora)")

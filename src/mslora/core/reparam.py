@@ -5,13 +5,10 @@ training-time forward and the merged weights cannot disagree.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 class Rescale(nn.Module):
@@ -51,6 +48,8 @@ class Rescale(nn.Module):
         return w.shape[0], w[0].numel()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """W' = W + (S_left @ S_right) ⊙ W for the frozen weight ``w``: (out, in) of a Linear, or (O, I, k_h, k_w)
+        of a convolution (rescaled as its (O k_h) x (I k_w) matrix); returns a tensor of ``w``'s shape."""
         if w.ndim == 4:
             o, i, kh, kw = w.shape
             w2 = w.permute(0, 2, 1, 3).reshape(o * kh, i * kw)  # (O k_h, I k_w)
@@ -75,6 +74,7 @@ class Scale(nn.Module):
             nn.init.normal_(self.scale, 1.0, std)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """diag(gamma) W: each output channel's row of ``w`` (any shape (out, ...)) scaled; same shape out."""
         return w * self.scale.view(-1, *([1] * (w.ndim - 1)))
 
 
@@ -90,11 +90,13 @@ class Shift(nn.Module):
             nn.init.normal_(self.shift, 0.0, std)
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
+        """b + f for the frozen bias ``b`` (out,)."""
         return b + self.shift
 
 
 def reparametrize(module: nn.Module, name: str, fn: nn.Module) -> None:
-    """Register ``fn`` as a parametrization of ``module.<name>`` (the original tensor stays frozen)."""
+    """Register ``fn`` as a parametrization of ``module.<name>`` (torch.nn.utils.parametrize; the original tensor
+    stays frozen)."""
     parametrize.register_parametrization(module, name, fn, unsafe=False)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mslora.core.hooks import ADAPTERS, adapter_key, head_module, is_inside
+
+VERSION = importlib.metadata.version("mslora")  # pyproject.toml's, the one place it is written
 FORMAT = "mslora.adapter/3"  # 2: a sha256 of the tensors; 3: feature-space adapters under ``adapters.<site>``
 OLD_FORMATS = ("mslora.adapter/1", "mslora.adapter/2")  # still read; names translated by legacy_names()
 # Methods whose versions 1-2 attached a module named after the method to its site (``<site>.<method>.<tensor>``).
@@ -67,14 +71,12 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         ``total_params``: backbone + head + adapter.
     An unadapted model counts everything outside its head as backbone.
     """
-    from mslora.core.inject import head_module, under
-
     rec = adaptation(model)
     head = rec.head if rec else tuple(head_module(model))
     counts = dict.fromkeys(("adapter_params", "head_params", "backbone_params", "trainable_params", "total_params"), 0)
     for name, p in model.named_parameters():
         n = p.numel()
-        if under(name, head):
+        if is_inside(name, head):
             counts["head_params"] += n
         elif rec is not None and name in rec.added:
             counts["adapter_params"] += n
@@ -123,11 +125,9 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     if not tensors:
         raise ValueError("the adapted model has no trainable tensors to save")
-    from mslora import __version__
-
     meta = {"format": FORMAT, "method": rec.method, "config": json.dumps(dataclasses.asdict(rec.config)),
-            "sha256": _digest(tensors), "backbone": json.dumps(architecture(model)),
-            "mslora_version": json.dumps(__version__)}
+            "sha256": tensor_digest(tensors), "backbone": json.dumps(architecture(model)),
+            "mslora_version": json.dumps(VERSION)}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)
@@ -169,7 +169,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise ValueError(f"adapter file '{path}' has damaged metadata: {e}") from None
     if not isinstance(meta["config"], dict):
         raise ValueError(f"adapter file '{path}' has a config that is not a mapping")
-    if fmt != OLD_FORMATS[0] and meta.get("sha256") != _digest(tensors):
+    if fmt != OLD_FORMATS[0] and meta.get("sha256") != tensor_digest(tensors):
         raise ValueError(f"adapter file '{path}' was altered: its tensors do not match the checksum written with them")
     if fmt in OLD_FORMATS:
         tensors = legacy_names(tensors, meta["method"])
@@ -181,19 +181,17 @@ def legacy_names(tensors: dict[str, torch.Tensor], method: str) -> dict[str, tor
     its site) becomes ``adapters.<site with _ for .>.<rest>``; VPT's ``vpt.<rest>`` becomes ``adapters.vpt.<rest>``.
     Methods whose layout changed since (RLRR's, CoLoRA's, AdaptFormer's) then fail to load with the names or
     shapes that differ."""
-    from mslora.core.inject import STORE, store_key
-
     if method not in _LEGACY_METHODS:
         return tensors
     attr = method
     out = {}
     for k, v in tensors.items():
         site, sep, rest = k.partition(f".{attr}.") if not k.startswith(f"{attr}.") else ("vpt", ".", k[len(attr) + 1:])
-        out[f"{STORE}.{store_key(site)}.{rest}" if sep else k] = v
+        out[f"{ADAPTERS}.{adapter_key(site)}.{rest}" if sep else k] = v
     return out
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (in name order)."""
     h = hashlib.sha256()
     for k in sorted(tensors):

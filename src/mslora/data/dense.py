@@ -31,33 +31,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
-from mslora.data import seeded_call
 from mslora.data.coco import CocoDetection
+from mslora.data.images import read_label_map, read_rgb
+from mslora.data.scenes import default_scenes
+from mslora.data.transforms import IGNORE, Subset
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-IGNORE = 255
-
-
-def _rgb(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-    except Exception as e:
-        raise ValueError(f"cannot read image '{path}': {type(e).__name__}: {e}") from None
-
-
-def _png(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im)  # palette ('P') PNGs give their indices
-    except Exception as e:
-        raise ValueError(f"cannot read label map '{path}': {type(e).__name__}: {e}") from None
 
 
 def _coco_from(images: list[dict], anns: list[dict], classes: list[str]):
@@ -110,7 +92,7 @@ class VOCDetection(Dataset):
     def __getitem__(self, i: int):
         stem, k, objs = self.items[i]
         boxes = torch.tensor([b for _, b in objs], dtype=torch.float32).reshape(-1, 4)
-        return _rgb(self.root / "JPEGImages" / f"{stem}.jpg"), {
+        return read_rgb(self.root / "JPEGImages" / f"{stem}.jpg"), {
             "boxes": boxes, "labels": torch.tensor([c for c, _ in objs], dtype=torch.int64), "image_id": k}
 
 
@@ -150,10 +132,10 @@ class SemanticFolder(Dataset):
 
     def __getitem__(self, i: int):
         image, label = self.items[i]
-        y = torch.from_numpy(self.paint(i) if label is None else _png(label).astype(np.int64)).long()
+        y = torch.from_numpy(self.paint(i) if label is None else read_label_map(label).astype(np.int64)).long()
         if self.shift:
             y = torch.where(y == 0, IGNORE, y - 1)
-        return _rgb(image), y
+        return read_rgb(image), y
 
 
 def _coco_semantic(root: Path, split: str) -> tuple[SemanticFolder, list[str]]:
@@ -188,35 +170,20 @@ class DenseData:
     name: str
     layout: str
     classes: list[str]
-    train: "Transformed"
-    val: "Transformed"
-    test: "Transformed"
+    train: Subset
+    val: Subset
+    test: Subset
     coco: dict[str, Any]
 
     @property
     def num_classes(self) -> int:
+        """Number of classes."""
         return len(self.classes)
 
     def with_transforms(self, train_tf: Callable, eval_tf: Callable) -> "DenseData":
         """Transforms of (image, target) pairs: ``train_tf`` on train, ``eval_tf`` on val and test."""
         self.train.transform, self.val.transform, self.test.transform = train_tf, eval_tf, eval_tf
         return self
-
-
-class Transformed(Dataset):
-    """Items ``indices`` of a base dataset of (image, target) pairs with a joint transform; indexed by ``i`` or by
-    ``(i, seed)`` like :class:`mslora.data.Subset` (the augmentation drawn from ``seed`` alone)."""
-
-    def __init__(self, base: Dataset, indices: list[int], transform: Callable | None = None) -> None:
-        self.base, self.indices, self.transform = base, list(indices), transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key):
-        i, seed = key if isinstance(key, tuple) else (key, None)
-        item = self.base[self.indices[i]]
-        return item if self.transform is None else seeded_call(seed, self.transform, *item)
 
 
 def _holdout(n: int, seed: int) -> tuple[list[int], list[int]]:
@@ -295,8 +262,6 @@ def load_dense(data: str, task: str, split_seed: int = 0) -> DenseData:
     if task not in ("detect", "segment"):
         raise ValueError(f"task='{task}' is not one of detect, segment")
     if data == "fashion-mnist":
-        from mslora.data.scenes import default_scenes
-
         layout, root, name = "coco", default_scenes(), "fashion-mnist-scenes"
     else:
         layout, root = recognise(Path(data), task)
@@ -339,7 +304,7 @@ def load_dense(data: str, task: str, split_seed: int = 0) -> DenseData:
         classes = _ade_classes(root) or _class_file(root) or _values_found(parts["train"][0])
     if task == "detect":
         coco = {s: (base.coco, base.category_of, [base.ids[i] for i in idx]) for s, (base, idx) in parts.items()}
-    sets = {s: Transformed(base, list(idx)) for s, (base, idx) in parts.items()}
+    sets = {s: Subset(base, list(idx)) for s, (base, idx) in parts.items()}
     return DenseData(name, layout, classes, sets["train"], sets["val"], sets["test"], coco)
 
 
@@ -351,53 +316,6 @@ def _ade_classes(root: Path) -> list[str] | None:
             rows = [line.split(sep) for line in path.read_text().splitlines()[1:] if line.strip()]
             return [r[-1].strip().split(";")[0] for r in rows]
     return None
-
-
-# ---- transforms (torchvision v2: boxes, masks and label maps move with the image) -------------------------------
-
-def detection_transform(train: bool) -> Callable:
-    """(image uint8 (3, H, W), target) -> (image float in [0, 1], target): a horizontal flip (p = 0.5) in training
-    (boxes and masks flipped with the image); the detector itself resizes and normalises."""
-    flip = v2.RandomHorizontalFlip(0.5)
-
-    def tf(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        if train:
-            h, w = image.shape[-2:]
-            t = dict(target, boxes=tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w)))
-            if "masks" in t:
-                t["masks"] = tv_tensors.Mask(t["masks"])
-            image, t = flip(tv_tensors.Image(image), t)
-            target = {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-            image = image.as_subclass(torch.Tensor)
-        return v2.functional.to_dtype(image, torch.float32, scale=True), target  # uint8 or float in, [0, 1] out
-
-    return tf
-
-
-def segmentation_transform(train: bool, size: int, mean, std, scale: tuple[float, float] = (0.5, 2.0)) -> Callable:
-    """(image uint8 (3, H, W), labels (H, W)) -> (normalised float image, labels).
-
-    Training (mmseg's ADE20K pipeline, at ``size``): shorter side resized to ``size`` x U(scale), a random
-    ``size`` x ``size`` crop (padded with 0 / :data:`IGNORE`), a horizontal flip. Evaluation: the image's shorter
-    side resized to ``size``, the labels kept at full resolution (metrics are computed on the original pixels).
-    """
-    norm = v2.Normalize(list(mean), list(std))
-    if train:
-        geo = v2.Compose([v2.RandomResize(int(size * scale[0]), int(size * scale[1]) + 1),
-                          v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Mask: IGNORE, "others": 0}),
-                          v2.RandomHorizontalFlip(0.5)])
-
-        def tf(image, labels):
-            image, labels = geo(tv_tensors.Image(image), tv_tensors.Mask(labels))
-            image = v2.functional.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True)
-            return norm(image), labels.as_subclass(torch.Tensor).long()
-        return tf
-    resize = v2.Resize(size, antialias=True)
-
-    def tf_eval(image, labels):
-        return norm(v2.functional.to_dtype(resize(image), torch.float32, scale=True)), labels
-
-    return tf_eval
 
 
 def detection_collate(batch):

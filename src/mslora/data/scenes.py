@@ -22,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+from pycocotools import mask as mask_utils
+from torchvision import datasets
+
+from mslora.data.classify import FASHION_MNIST_DIR, fashion_mnist_root, is_idx_dir
 
 VERSION = 1
 CANVAS = 256
@@ -103,8 +107,6 @@ def write_scenes(root: str | Path, train_images: np.ndarray, train_labels: np.nd
     Raises:
         FileExistsError: ``root`` exists.
     """
-    from pycocotools import mask as mask_utils
-
     root = Path(root)
     root.mkdir(parents=True)
     photos, source = backgrounds()
@@ -146,19 +148,15 @@ def default_scenes(fashion_mnist: str | Path | None = None) -> Path:
     Raises:
         FileNotFoundError: the Fashion-MNIST files are missing (the message says where they were looked for).
     """
-    from torchvision import datasets
-
-    from mslora.data import FASHION_MNIST_DIR, _fashion_mnist_root, _is_idx_dir
-
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mslora"
     root = cache / f"fashion-mnist-scenes-v{VERSION}"
     if (root / "annotations" / "instances_test2017.json").is_file():
         return root
     src = Path(fashion_mnist or os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    if not _is_idx_dir(src):
+    if not is_idx_dir(src):
         raise FileNotFoundError(f"Fashion-MNIST idx files not found in '{src}' (install Debian's "
                                 "dataset-fashion-mnist or set FASHION_MNIST_DIR); the scene set is made from them")
-    fm = _fashion_mnist_root(src)
+    fm = fashion_mnist_root(src)
     tr, te = (datasets.FashionMNIST(str(fm), train=t, download=False) for t in (True, False))
     tmp = cache / f".fashion-mnist-scenes-v{VERSION}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

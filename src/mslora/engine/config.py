@@ -1,17 +1,27 @@
-"""The training configuration: one dataclass whose fields are the ``mslora train`` options, and the main job.
+"""The training configuration: one dataclass whose fields are the ``mslora train`` options (each with its help as
+data), the main job, and reading a config from the command line and YAML.
 
-Precedence at the command line: these defaults < ``--config FILE.yaml`` < flags. The main job (README: 'Main
-job') is :func:`main_job`: these defaults plus the main job's MSLoRA rank, named in exactly one place, so
-that no method's options leak into another method's run (``TrainConfig(method="lora")`` is LoRA with PEFT's
-own defaults).
+Precedence at the command line: these defaults < ``--config FILE.yaml`` < flags < ``--set KEY=VALUE``. The main
+job (README: 'Main job') is :func:`main_job`: these defaults plus the main job's MSLoRA rank, named in exactly
+one place (:data:`MAIN_JOB_METHOD_OPTIONS`), so that no method's options leak into another method's run
+(``TrainConfig(method="lora")`` is LoRA with PEFT's own defaults).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from mslora.methods.options import option
+from mslora.registry import get_method
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -21,7 +31,6 @@ HEAD_INITS = ("zero", "timm")
 # the paper's rank 128 would add 18.5% of them, rank 32 adds 3.2%, inside the paper's "under about 5%".
 MAIN_JOB_METHOD = "mslora"
 MAIN_JOB_METHOD_OPTIONS: dict[str, Any] = {"rank": 32}
-
 
 # Options whose default depends on the task (a field left at None takes these). classify: the main job's recipe.
 # detect / segment: the offline Fashion-MNIST scene runs of README 'Dense tasks' (256 px canvases, narrow necks and
@@ -37,44 +46,59 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 @dataclass
 class TrainConfig:
     """Everything a training run needs. The training settings default to the main job's recipe; the method's
-    own options default to the method's (see :func:`main_job` for the main job as a whole).
+    own options default to the method's (see :func:`main_job` for the main job as a whole). Fields left at None
+    take their task's default (:data:`TASK_DEFAULTS`).
 
     Raises (on construction):
         ValueError: an option out of range, naming the option, the value and what was expected.
     """
 
-    task: str = "classify"  # what the model is trained for (mslora.tasks.list_tasks())
-    backbone: str = "tf_efficientnet_lite0"  # timm model name
-    method: str = MAIN_JOB_METHOD  # registered method (mslora.list_methods())
-    data: str = "fashion-mnist"  # 'fashion-mnist', a Fashion-MNIST idx directory, or an ImageFolder directory
-    data_format: str | None = None  # force the data format (mslora.data.formats.FORMATS); default: from the files
-    split: str | None = None  # random1k (800 + 200 drawn), full, train800 / train800val200 (VTAB-1k's lists); default: the data's own
-    split_seed: int = 0  # seed of the train/val draw, fixed across training seeds like VTAB-1k's split
-    epochs: int | None = None  # training epochs
-    batch_size: int | None = None  # images per optimiser step over all processes, each of N processes gets 1/N
-    lr: float | None = None  # peak learning rate of the trainable parameters (main job: chosen on validation)
-    weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
-    warmup_epochs: int | None = None  # linear warmup from lr/100, then cosine decay to 0, per step
-    clip_grad: float = 1.0  # clip the global gradient norm to this value (0: no clipping)
-    head_init: str = "zero"  # new classifier head: 'zero' (weights and bias 0) or 'timm' (timm's own init)
-    img_size: int | None = None  # classify: crop and evaluation size; detect: shorter image side; segment: crop size; in pixels
-    detector: str = "maskrcnn"  # detect task: fasterrcnn, maskrcnn, cascade_maskrcnn, retinanet or fcos
-    anchor_scale: int | None = None  # detect task: anchor size in units of the FPN level's stride (torchvision: 8, i.e. 32 px at stride 4)
-    rois_per_image: int | None = None  # detect task, R-CNNs: RoIs sampled per image to train the box head (torchvision: 512)
-    head_channels: int | None = None  # detect / segment: width of the neck and heads, FPN or UPerNet channels
-    output: str = "runs"  # parent directory of run directories
-    seed: int = 0  # seed of initialisation, augmentation and batch order
-    pretrained: bool = True  # load pretrained weights (offline package, else timm hub)
-    weights: str | None = None  # local checkpoint path instead of pretrained weights
-    drop_path_rate: float = 0.0  # stochastic depth of the backbone, active during training (Sec. 4.1)
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda or mps
-    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler; CUDA only)
-    channels_last: bool = True  # channels-last (NHWC) memory format for the model and its 4-D inputs (faster on CPU: README "Speed and memory")
-    grad_accum: int = 1  # batches accumulated per optimiser step (the step's batch is batch_size * grad_accum)
-    workers: int | None = None  # DataLoader worker processes (default: 0 on CPU, up to 8 per GPU process)
-    ckpt_every: int = 0  # also checkpoint every N optimiser steps (0: at the end of every epoch only)
-    deterministic: bool = False  # PyTorch deterministic algorithms (resume then gives the same tensors)
-    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options, e.g. rank
+    task: str = option("classify", "what the model is trained for: classify, detect or segment")
+    backbone: str = option("tf_efficientnet_lite0", "timm model name")
+    method: str = option(MAIN_JOB_METHOD, "registered method (mslora.list_methods())")
+    data: str = option("fashion-mnist", "'fashion-mnist', a Fashion-MNIST idx directory, or a data folder or file in "
+                       "a format mslora reads (ImageFolder, VTAB-1k, FGVC, CSV, COCO, VOC, ADE20K, ...)")
+    data_format: str | None = option(None, "force the data format (mslora.data.formats.FORMATS); default: "
+                                     "recognised from the files")
+    split: str | None = option(None, "random1k (800 + 200 drawn), full, train800 / train800val200 (VTAB-1k's "
+                               "lists); default: the data's own")
+    split_seed: int = option(0, "seed of the train/val draw, fixed across training seeds like VTAB-1k's split")
+    epochs: int | None = option(None, "training epochs")
+    batch_size: int | None = option(None, "images per optimiser step over all processes, each of N processes "
+                                    "gets 1/N")
+    lr: float | None = option(None, "peak learning rate of the trainable parameters (main job: chosen on "
+                              "validation)")
+    weight_decay: float = option(0.05, "AdamW weight decay (not on biases and norms)")
+    warmup_epochs: int | None = option(None, "linear warmup from lr/100, then cosine decay, per optimiser step "
+                                       "(timm CosineLRScheduler with warmup_prefix: the cosine spans epochs x "
+                                       "steps after the warmup, so the last step's lr is not 0)")
+    clip_grad: float = option(1.0, "clip the global gradient norm to this value (0: no clipping)")
+    head_init: str = option("zero", "new classifier head: 'zero' (weights and bias 0) or 'timm' (timm's own init)")
+    img_size: int | None = option(None, "classify: crop and evaluation size; detect: shorter image side; segment: "
+                                  "crop size; in pixels")
+    detector: str = option("maskrcnn", "detect task: fasterrcnn, maskrcnn, cascade_maskrcnn, retinanet or fcos")
+    anchor_scale: int | None = option(None, "detect task: anchor size in units of the FPN level's stride "
+                                      "(torchvision: 8, i.e. 32 px at stride 4)")
+    rois_per_image: int | None = option(None, "detect task, R-CNNs: RoIs sampled per image to train the box head "
+                                        "(torchvision: 512)")
+    head_channels: int | None = option(None, "detect / segment: width of the neck and heads, FPN or UPerNet "
+                                       "channels")
+    output: str = option("runs", "parent directory of run directories")
+    seed: int = option(0, "seed of initialisation, augmentation and batch order")
+    pretrained: bool = option(True, "load pretrained weights (offline package, else timm hub)")
+    weights: str | None = option(None, "local checkpoint path instead of pretrained weights")
+    drop_path_rate: float = option(0.0, "stochastic depth of the backbone, active during training (Sec. 4.1)")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or mps")
+    precision: str = option("fp32", "fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler; CUDA only)")
+    channels_last: bool = option(True, "channels-last (NHWC) memory format for the model and its 4-D inputs "
+                                 "(faster on CPU: README 'Speed and memory')")
+    grad_accum: int = option(1, "batches accumulated per optimiser step (the step's batch is batch_size x "
+                             "grad_accum)")
+    workers: int | None = option(None, "DataLoader worker processes (default: 0 on a CPU with 4 cores or fewer "
+                                 "per process, up to 8 per GPU process)")
+    ckpt_every: int = option(0, "also checkpoint every N optimiser steps (0: at the end of every epoch only)")
+    deterministic: bool = option(False, "PyTorch deterministic algorithms (resume then gives the same tensors)")
+    method_options: dict[str, Any] = option(help="the method's own options, e.g. rank", default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classify"]).items():
@@ -129,6 +153,9 @@ def main_job(**overrides: Any) -> TrainConfig:
 
     The main job's method options apply only while the method is the main job's: ``main_job(method="lora")``
     is LoRA with its own defaults.
+
+    Raises:
+        ValueError: an invalid override (see :class:`TrainConfig`).
     """
     method = overrides.get("method", MAIN_JOB_METHOD)
     options = dict(MAIN_JOB_METHOD_OPTIONS) if method == MAIN_JOB_METHOD else {}
@@ -143,3 +170,157 @@ def default_workers(device_type: str, processes: int = 1) -> int:
     if device_type == "cpu":
         return 0 if cores <= 4 else min(4, cores // 4)
     return max(0, min(8, cores - 1))
+
+
+# ---- the command line and YAML ---------------------------------------------------------------------------------
+
+def add_fields(parser: argparse._ActionsContainer, cls: type, skip: frozenset[str] = frozenset(),
+               defaults: dict[str, str] | None = None) -> None:
+    """One ``--name`` option per field of the config dataclass ``cls``, its help from the field's metadata
+    (:func:`mslora.methods.options.option`) and the default a run uses (``defaults`` overrides what is shown, e.g.
+    the main job's rank or the task defaults). Values default to ``argparse.SUPPRESS``, so only given flags appear.
+    Fields of other types than bool, int, float, str and tuples of them have no flag (``--set`` reaches them)."""
+    hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))  # Optional[X] -> X
+        shown = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {shown})")
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple:
+            kw.update(nargs="+", type=typing.get_args(tp)[0], metavar=f.name.upper())
+        elif tp in (int, float, str):
+            kw.update(type=tp, metavar=f.name.upper())
+        else:
+            continue
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def task_defaults_shown() -> dict[str, str]:
+    """What ``--help`` shows as the default of each task-dependent field: ``classify 20, detect 5, segment 6``."""
+    shown: dict[str, list[str]] = {}
+    for task, values in TASK_DEFAULTS.items():
+        for name, value in values.items():
+            shown.setdefault(name, []).append(f"{task} {value}")
+    return {name: ", ".join(parts) for name, parts in shown.items()}
+
+
+def load_yaml(path: str | None) -> dict[str, Any]:
+    """The mapping in a YAML config file, keys with ``-`` as ``_``; ``{}`` for no path.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not valid YAML, or not a mapping.
+    """
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file '{p}' does not exist")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file '{p}' must hold a mapping of option: value, got {type(values).__name__}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def pop_sets(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--set KEY=VALUE`` pairs out of ``argv`` (values read as YAML: ``rank=64``, ``kernel_sizes=[3,5]``,
+    ``enhance=false``); returns the other arguments and the pairs, keys with ``-`` as ``_``.
+
+    Raises:
+        ValueError: a pair without ``=``, or a missing pair after ``--set``.
+    """
+    rest, sets = [], {}
+    it = iter(argv)
+    for a in it:
+        if a != "--set" and not a.startswith("--set="):
+            rest.append(a)
+            continue
+        item = a.partition("=")[2] if a.startswith("--set=") else next(it, None)
+        if item is None or "=" not in item:
+            raise ValueError(f"--set {item or ''} is not KEY=VALUE (e.g. --set lr=0.001)")
+        key, _, value = item.partition("=")
+        parsed = yaml.safe_load(value) if value.strip() else None
+        if isinstance(parsed, str):
+            try:
+                parsed = float(parsed)  # YAML 1.1 reads 2e-3 (no dot) as a string
+            except ValueError:
+                pass
+        sets[key.strip().replace("-", "_")] = parsed
+    return rest, sets
+
+
+_TRAIN_ONLY = frozenset({"method_options"})  # reached through the method's own flags and --set
+
+
+def train_parser(method: str, main_job_options: bool) -> argparse.ArgumentParser:
+    """The ``mslora train`` parser for ``method``: the training options, then the method's own, each with its help
+    and the default a run uses (task defaults; the main job's options when ``main_job_options``).
+
+    Raises:
+        ValueError: unknown method (close matches named).
+    """
+    spec = get_method(method)
+    parser = argparse.ArgumentParser(prog="mslora train", description="Train a method on a backbone and dataset; "
+                                     "with no arguments, the main job (see README).")
+    parser.add_argument("--config", help="YAML file of option: value (flags override it)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", help="set any training or method option, "
+                        "the value read as YAML (e.g. --set lr=1e-3 --set kernel_sizes=[3,5]); overrides the flags")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, with its "
+                        "own config.yaml (no other option may be given)")
+    add_fields(parser.add_argument_group("training"), TrainConfig, _TRAIN_ONLY, task_defaults_shown())
+    shown = {k: f"{v} (the main job's)" for k, v in MAIN_JOB_METHOD_OPTIONS.items()} if main_job_options else {}
+    add_fields(parser.add_argument_group(f"options of method '{method}'"), spec.config_cls, defaults=shown)
+    return parser
+
+
+def config_from_args(argv: list[str]) -> TrainConfig | str:
+    """Parse ``mslora train`` arguments into a TrainConfig (defaults < YAML < flags < ``--set KEY=VALUE``), or the
+    run directory given by ``--resume``.
+
+    Without ``--config``, a run of the main job's method is the main job (its method options, e.g. MSLoRA's
+    rank 32, under the flags); another method starts from its own defaults. A ``--method`` naming another method
+    than the config file's drops the file's method options, so one paper config serves the comparison rows too.
+
+    Raises:
+        ValueError: an unknown option (naming it), an invalid value, or ``--resume`` with other options.
+        FileNotFoundError: no such config file.
+    """
+    argv, sets = pop_sets(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--method")
+    known, _ = pre.parse_known_args(argv)
+    known.method = sets.pop("method", known.method)
+    from_yaml = load_yaml(known.config)
+    method = known.method or from_yaml.get("method") or TrainConfig.method
+    main_job_options = not known.config and method == MAIN_JOB_METHOD
+    flags = vars(train_parser(method, main_job_options).parse_args(argv))
+    flags.pop("config", None)
+    flags.pop("set", None)
+    resume = flags.pop("resume", None)
+    if resume:
+        if flags or known.config or sets:
+            raise ValueError("--resume RUN_DIR continues a run with its own config.yaml; give no other option")
+        return resume
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - _TRAIN_ONLY
+    method_names = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+    if known.method and from_yaml.get("method") not in (None, known.method):
+        from_yaml = {k: v for k, v in from_yaml.items() if k in train_names}  # the file's method options are its own
+    values = {**from_yaml, **flags, **sets, **({"method": method} if known.method else {})}
+    unknown = sorted(set(values) - train_names - method_names - {"method_options"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} in {known.config}; expected training options or "
+                         f"options of method '{method}': {', '.join(sorted(method_names)) or '(none)'}")
+    options = {**values.get("method_options", {}), **{k: v for k, v in values.items() if k in method_names}}
+    if main_job_options:
+        options = {**MAIN_JOB_METHOD_OPTIONS, **options}
+    return TrainConfig(**{k: v for k, v in values.items() if k in train_names}, method_options=options)

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mslora.core.inject import attach, attach_branch
-from mslora.core.placement import blocks, find_sites, modules_in_blocks
+from mslora.core.hooks import attach, attach_branch
 from mslora.core.layout import Layout
+from mslora.core.placement import blocks, find_sites, modules_in_blocks
+from mslora.methods.options import finite, option, positive_int
 from mslora.registry import register
 
 _NO_MERGE = "it has a nonlinearity between its projections, so it is not a change of the backbone weights"
@@ -35,13 +36,12 @@ _NO_MERGE = "it has a nonlinearity between its projections, so it is not a chang
 class AdapterConfig:
     """Options of the Houlsby bottleneck adapter."""
 
-    rank: int = 8  # D': bottleneck width
-    target_modules: str | None = None  # regex over module names overriding the automatic placement
-    layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
+    rank: int = option(8, "D': bottleneck width")
+    target_modules: str | None = option(None, "regex over module names overriding the automatic placement")
+    layout: str = option("auto", "layout of target_modules outputs: auto, nchw, nhwc, tokens")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank={self.rank} must be a positive integer")
+        positive_int("rank", self.rank)
 
 
 class Bottleneck(nn.Module):
@@ -70,14 +70,12 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
 class AdaptFormerConfig:
     """Options of AdaptFormer."""
 
-    rank: int = 64  # bottleneck width (AdaptFormer's default)
-    scale: float = 0.1  # s, the fixed scale of the parallel branch
+    rank: int = option(64, "bottleneck width (AdaptFormer's default)")
+    scale: float = option(0.1, "s, the fixed scale of the parallel branch")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank={self.rank} must be a positive integer")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"scale={self.scale} must be a finite number")
+        positive_int("rank", self.rank)
+        finite("scale", self.scale)
 
 
 class ParallelMLPAdapter(nn.Module):
@@ -130,12 +128,12 @@ def apply_adaptformer(model: nn.Module, cfg: AdaptFormerConfig) -> None:
 class ConvAdapterConfig:
     """Options of Conv-Adapter."""
 
-    gamma: int = 4  # channel compression factor of the hidden width (CoLoRA supp. F uses 4)
-    target_modules: str | None = None  # regex over module names; default: spatial convs (kernel > 1) in blocks
+    gamma: int = option(4, "channel compression factor: hidden width = in_channels // gamma (CoLoRA supp. F uses 4)")
+    target_modules: str | None = option(None, "regex over module names; default: spatial convs (kernel > 1) in "
+                                        "blocks")
 
     def __post_init__(self) -> None:
-        if self.gamma < 1:
-            raise ValueError(f"gamma={self.gamma} must be a positive integer (hidden width = in_channels // gamma)")
+        positive_int("gamma", self.gamma)
 
 
 class ConvAdapter(nn.Module):
@@ -181,16 +179,15 @@ def apply_conv_adapter(model: nn.Module, cfg: ConvAdapterConfig) -> None:
 class LoRandConfig:
     """Options of LoRand."""
 
-    hidden: int = 64  # bottleneck width m
-    branches: int = 2  # alpha: number of P K Q products summed per projection
-    kernel: int = 8  # beta: size of the shared kernel matrices K
-    target_modules: str | None = None  # regex over module names overriding the automatic placement
-    layout: str = "auto"  # layout of target_modules outputs
+    hidden: int = option(64, "bottleneck width m")
+    branches: int = option(2, "alpha: number of P K Q products summed per projection")
+    kernel: int = option(8, "beta: size of the shared kernel matrices K")
+    target_modules: str | None = option(None, "regex over module names overriding the automatic placement")
+    layout: str = option("auto", "layout of target_modules outputs: auto, nchw, nhwc, tokens")
 
     def __post_init__(self) -> None:
         for name in ("hidden", "branches", "kernel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+            positive_int(name, getattr(self, name))
 
 
 class LowRankSynthesis(nn.Module):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mslora.core.reparam import NORMS
+from mslora.core.families import NORM_TYPES
 from mslora.registry import register
 
 
@@ -70,7 +70,7 @@ class NormTuneConfig:
 def apply_normtune(model: nn.Module, cfg: NormTuneConfig) -> None:
     """Norm-tune: the affine parameters of every BatchNorm, LayerNorm and GroupNorm train."""
     for m in model.modules():
-        if isinstance(m, NORMS):
+        if isinstance(m, NORM_TYPES):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(True)
 

@@ -35,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mslora.core.inject import AdapterHook, keep_handle, store
-from mslora.core.placement import blocks, family
+from mslora.core.families import family
+from mslora.core.hooks import AdapterHook, add_adapter, keep_handle
+from mslora.core.placement import blocks
 from mslora.methods.baselines import apply_bitfit, apply_normtune
+from mslora.methods.options import finite, option, require
 from mslora.registry import register
 
 
@@ -45,27 +47,26 @@ from mslora.registry import register
 class CoLoRAConfig:
     """Options of CoLoRA (CoLoRA supplementary material, Sec. C-D and F)."""
 
-    gamma: int = 16  # compression factor: total rank r = d // gamma per pair (supp. Table 8)
-    shared_ratio: float = 0.5  # rs / (rs + rl): share of the rank in the cross-layer As, Bs (supp. Table 8)
-    scale: float = 1.0  # s = s1 = s2, scaling of every low-rank term
-    filtering: bool = True  # bilateral filtering of the A-compressed features while training (Eq. 7-11)
-    depthwise: bool = True  # ConvNeXt: filtered branch beside the 7x7 depth-wise conv (Table 8 counts; no merge)
-    bias_norm: bool = False  # also train every bias and norm layer of the backbone (the supplement's protocol, Sec. F)
-    window: int = 11  # spatial kernel window (supp. Sec. C)
-    sigma: float = 1.0  # spatial kernel standard deviation (supp. Sec. C)
+    gamma: int = option(16, "compression factor: total rank r = d // gamma per pair (supp. Table 8)")
+    shared_ratio: float = option(0.5, "rs / (rs + rl): share of the rank in the cross-layer As, Bs (supp. Table 8)")
+    scale: float = option(1.0, "s = s1 = s2, scaling of every low-rank term")
+    filtering: bool = option(True, "bilateral filtering of the A-compressed features while training (Eq. 7-11)")
+    depthwise: bool = option(True, "ConvNeXt: filtered branch beside the 7x7 depth-wise conv (Table 8 counts; no "
+                             "merge)")
+    bias_norm: bool = option(False, "also train every bias and norm layer of the backbone (the supplement's "
+                             "protocol, Sec. F)")
+    window: int = option(11, "spatial kernel window (supp. Sec. C)")
+    sigma: float = option(1.0, "spatial kernel standard deviation (supp. Sec. C)")
 
     def __post_init__(self) -> None:
-        checks = [(self.gamma >= 1, "gamma", self.gamma, "an integer >= 1"),
-                  (0.0 <= self.shared_ratio <= 1.0, "shared_ratio", self.shared_ratio, "in [0, 1]"),
-                  (self.window >= 1 and self.window % 2 == 1, "window", self.window, "a positive odd integer"),
-                  (self.sigma > 0, "sigma", self.sigma, "positive"),
-                  (math.isfinite(self.scale), "scale", self.scale, "a finite number")]
-        for ok, name, value, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={value} must be {expected}")
+        require(self.gamma >= 1, "gamma", self.gamma, "an integer >= 1")
+        require(0.0 <= self.shared_ratio <= 1.0, "shared_ratio", self.shared_ratio, "in [0, 1]")
+        require(self.window >= 1 and self.window % 2 == 1, "window", self.window, "a positive odd integer")
+        require(self.sigma > 0, "sigma", self.sigma, "positive")
+        finite("scale", self.scale)
 
 
-def filtered(z: torch.Tensor, window: int = 11, sigma: float = 1.0) -> torch.Tensor:
+def filter_without_gradient(z: torch.Tensor, window: int = 11, sigma: float = 1.0) -> torch.Tensor:
     """``bilateral_filter(z)`` in value, the identity for gradients (supp. Sec. C: no gradient is computed
     through the filter). z: (B, C, H, W) -> (B, C, H, W)."""
     with torch.no_grad():
@@ -126,16 +127,18 @@ class CoLoRAPair(nn.Module):
     def _path(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         z = x @ a  # (B, H, W, r): features compressed by A
         if self.cfg.filtering and self.training and z.shape[-1] > 0:
-            z = filtered(z.permute(0, 3, 1, 2), self.cfg.window, self.cfg.sigma).permute(0, 2, 3, 1)
+            z = filter_without_gradient(z.permute(0, 3, 1, 2), self.cfg.window, self.cfg.sigma).permute(0, 2, 3, 1)
         return z @ b
 
-    def delta1(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 14 update of the first layer: s1 X A1 B1 + s X As (Bs W2^T)."""
+    def first_update(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 14's update of the first layer's output, s1 X A1 B1 + s X As (Bs W2^T): the first layer's input
+        x (B, H, W, d) channel-last -> (B, H, W, d')."""
         w2 = _weight_2d(self.layers[1])  # (d', d'')
         return self.cfg.scale * (self._path(x, self.a1, self.b1) + self._path(x, self.a_s, self.b_s @ w2.t()))
 
-    def delta2(self, y1: torch.Tensor) -> torch.Tensor:
-        """Eq. 15 update of the second layer: s2 Y1 A2 B2 + s Y1 (W1^T As) Bs."""
+    def second_update(self, y1: torch.Tensor) -> torch.Tensor:
+        """Eq. 15's update of the second layer's output, s2 Y1 A2 B2 + s Y1 (W1^T As) Bs: the second layer's input
+        y1 (B, H, W, d') channel-last -> (B, H, W, d'')."""
         w1 = _weight_2d(self.layers[0])  # (d, d')
         return self.cfg.scale * (self._path(y1, self.a2, self.b2) + self._path(y1, w1.t() @ self.a_s, self.b_s))
 
@@ -180,13 +183,13 @@ class DepthwiseBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.down(x)
         if self.cfg.filtering and self.training:
-            z = filtered(z, self.cfg.window, self.cfg.sigma)
+            z = filter_without_gradient(z, self.cfg.window, self.cfg.sigma)
         return self.cfg.scale * self.up(z)
 
 
 def colora_pairs(model: nn.Module) -> list[tuple[str, str, str, str | None]]:
     """(block, first layer, second layer, depth-wise conv or None) of every block CoLoRA adapts, from the family
-    table (:data:`mslora.core.placement.FAMILIES`): blocks that have both 1x1 layers as Linear or 1x1 Conv2d.
+    table (:data:`mslora.core.families.FAMILIES`): blocks that have both 1x1 layers as Linear or 1x1 Conv2d.
 
     Raises:
         ValueError: the backbone has no known pairs (CoLoRA is defined for ConvNets: ConvNeXt, ResNet).
@@ -197,10 +200,10 @@ def colora_pairs(model: nn.Module) -> list[tuple[str, str, str, str | None]]:
         first, second, *dw = fam.colora
         for b in blocks(model):
             block = model.get_submodule(b)
-            layers = [_get(block, first), _get(block, second)]
+            layers = [submodule_or_none(block, first), submodule_or_none(block, second)]
             if all(isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
                                                 and m.groups == 1) for m in layers):
-                conv = _get(block, dw[0]) if dw else None
+                conv = submodule_or_none(block, dw[0]) if dw else None
                 pairs.append((b, f"{b}.{first}", f"{b}.{second}", f"{b}.{dw[0]}" if isinstance(conv, nn.Conv2d) else None))
     if not pairs:
         raise ValueError(f"colora adapts adjacent 1x1 layers of ConvNeXt blocks, ResNet bottlenecks or "
@@ -208,7 +211,8 @@ def colora_pairs(model: nn.Module) -> list[tuple[str, str, str, str | None]]:
     return pairs
 
 
-def _get(block: nn.Module, name: str) -> nn.Module | None:
+def submodule_or_none(block: nn.Module, name: str) -> nn.Module | None:
+    """``block.get_submodule(name)``, or None when it has no such submodule."""
     try:
         return block.get_submodule(name)
     except AttributeError:
@@ -245,9 +249,9 @@ def apply_colora(model: nn.Module, cfg: CoLoRAConfig) -> None:
     depth-wise branch beside ConvNeXt's ``conv_dw``); with ``bias_norm`` every bias and norm layer trains too."""
     for block, first, second, dw in colora_pairs(model):
         l1, l2 = model.get_submodule(first), model.get_submodule(second)
-        pair = store(model, block, CoLoRAPair(l1, l2, cfg, block))
-        keep_handle(l1.register_forward_hook(_channel_last_hook(pair.delta1)))
-        keep_handle(l2.register_forward_hook(_channel_last_hook(pair.delta2)))
+        pair = add_adapter(model, block, CoLoRAPair(l1, l2, cfg, block))
+        keep_handle(l1.register_forward_hook(_channel_last_hook(pair.first_update)))
+        keep_handle(l2.register_forward_hook(_channel_last_hook(pair.second_update)))
         if dw is not None and cfg.depthwise:
             conv = model.get_submodule(dw)
             pair.dw = DepthwiseBranch(conv, cfg).to(conv.weight.device, conv.weight.dtype)

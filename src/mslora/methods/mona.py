@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mslora.core.inject import attach, attach_branch
+from mslora.core.hooks import attach, attach_branch
 from mslora.core.layout import Layout
-from mslora.core.placement import find_sites
-from mslora.methods.mslora import spatial_only
+from mslora.core.placement import find_sites, spatial_only
+from mslora.methods.options import odd_sizes, one_of, option, positive_int, probability
 from mslora.registry import register
 
 MONA_INITS = ("official", "identity")
@@ -33,25 +33,26 @@ MONA_INITS = ("official", "identity")
 
 @dataclass
 class MonaConfig:
-    """Options of Mona, with the released code's values as defaults."""
+    """Options of Mona, with the released code's values as defaults.
 
-    rank: int = 64  # bottleneck width (fixed at 64 in the released code)
-    kernel_sizes: tuple[int, ...] = (3, 5, 7)  # depth-wise kernels of MonaOp, averaged
-    dropout: float = 0.1  # dropout after the GELU
-    init: str = "official"  # 'official': trunc-normal(0.02) projections; 'identity': Up zero, starts as the backbone
-    target_modules: str | None = None  # regex over module names: one Mona after each (instead of two per block)
-    layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
+    Raises (on construction):
+        ValueError: an option out of range, naming it.
+    """
+
+    rank: int = option(64, "bottleneck width (fixed at 64 in the released code)")
+    kernel_sizes: tuple[int, ...] = option((3, 5, 7), "depth-wise kernels of MonaOp, averaged")
+    dropout: float = option(0.1, "dropout after the GELU")
+    init: str = option("official", "'official': trunc-normal(0.02) projections; 'identity': Up zero, starts as the "
+                       "backbone")
+    target_modules: str | None = option(None, "regex over module names: one Mona after each (instead of two per "
+                                        "block)")
+    layout: str = option("auto", "layout of target_modules outputs: auto, nchw, nhwc, tokens")
 
     def __post_init__(self) -> None:
-        self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
-        if self.rank < 1:
-            raise ValueError(f"rank={self.rank} must be a positive integer")
-        if not self.kernel_sizes or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
-            raise ValueError(f"kernel_sizes={list(self.kernel_sizes)} must be a non-empty list of odd sizes")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.init not in MONA_INITS:
-            raise ValueError(f"init='{self.init}' is not one of {', '.join(MONA_INITS)}")
+        self.kernel_sizes = odd_sizes("kernel_sizes", self.kernel_sizes)
+        positive_int("rank", self.rank)
+        probability("dropout", self.dropout)
+        one_of("init", self.init, MONA_INITS)
 
 
 class MonaOp(nn.Module):
@@ -65,6 +66,7 @@ class MonaOp(nn.Module):
         self.projector = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """MonaOp(z) = z' + Proj1x1(z'), z' = mean_k DW_k(z) + z: (B, D, H, W) -> (B, D, H, W)."""
         x = sum(conv(x) for conv in self.convs) / len(self.convs) + x
         return x + self.projector(x)
 
@@ -100,6 +102,7 @@ class Mona(nn.Module):
         return self.layout.from_2d(h.permute(0, 3, 1, 2), None if prefix is None else torch.zeros_like(prefix))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mona(x) = x + delta(x), in the layout of ``x``."""
         return x + self.delta(x)
 
     def branch(self, kept: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

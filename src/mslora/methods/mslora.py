@@ -11,45 +11,49 @@ the down-projection, three depth-wise convs and the point-wise conv have D each,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mslora.core.inject import attach
-from mslora.core.placement import find_sites
+from mslora.core.hooks import attach
 from mslora.core.layout import Layout
+from mslora.core.placement import find_sites, spatial_only
+from mslora.methods.options import odd_sizes, option, positive_int
 from mslora.registry import register
 
 
 @dataclass
 class MSLoRAConfig:
-    """Options of MSLoRA, with the paper's names and defaults (Sec. 4.1: G=4, D=128)."""
+    """Options of MSLoRA, with the paper's names and defaults (Sec. 4.1: G=4, D=128).
 
-    rank: int = 128  # D: width of both low-rank branches (Sec. 3.1, Table 2b)
-    groups: int = 4  # G: groups of the 1x1 down- and up-projections (Sec. 3.1, Table 1, Table 2a)
-    kernel_sizes: tuple[int, ...] = (3, 5, 7)  # parallel depth-wise kernels, odd (Eq. 2, Table 2c)
-    enhance: bool = True  # LayerNorm + GELU after the multi-scale sum (Sec. 3.4, Table 2e)
-    global_pool: bool = False  # extra global-average-pooling path (Sec. 3.5, Table 2f)
-    gate: bool = False  # gated attention: one sigmoid gate map per parallel path (Sec. 3.5, Table 2f)
-    channel_shuffle: bool = False  # shuffle channels across groups before the up-projection (Sec. 3.5)
-    input_norm: bool | None = None  # LayerNorm at the input; None: on at pre-norm sites (Sec. 4.1)
-    zero_init: bool = True  # zero up-projection, so the adapted model equals its backbone at initialisation
-    target_modules: str | None = None  # regex over module names overriding the automatic placement
-    layout: str = "auto"  # layout of target_modules outputs: auto, nchw, nhwc, tokens
-    # recompute each module's activations in backward: less memory, more time (runtime: files without it load)
-    grad_checkpointing: bool = field(default=False, metadata={"runtime": True})
+    Raises (on construction):
+        ValueError: a rank or groups that is not a positive integer, groups not dividing rank, or kernel sizes
+            that are not a non-empty list of odd sizes.
+    """
+
+    rank: int = option(128, "D: width of both low-rank branches (Sec. 3.1, Table 2b)")
+    groups: int = option(4, "G: groups of the 1x1 down- and up-projections (Sec. 3.1, Table 1, Table 2a)")
+    kernel_sizes: tuple[int, ...] = option((3, 5, 7), "parallel depth-wise kernels, odd (Eq. 2, Table 2c)")
+    enhance: bool = option(True, "LayerNorm + GELU after the multi-scale sum (Sec. 3.4, Table 2e)")
+    global_pool: bool = option(False, "extra global-average-pooling path (Sec. 3.5, Table 2f)")
+    gate: bool = option(False, "gated attention: one sigmoid gate map per parallel path (Sec. 3.5, Table 2f)")
+    channel_shuffle: bool = option(False, "shuffle channels across groups before the up-projection (Sec. 3.5)")
+    input_norm: bool | None = option(None, "LayerNorm at the input; None: on at pre-norm sites (Sec. 4.1)")
+    zero_init: bool = option(True, "zero up-projection, so the adapted model equals its backbone at initialisation")
+    target_modules: str | None = option(None, "regex over module names overriding the automatic placement")
+    layout: str = option("auto", "layout of target_modules outputs: auto, nchw, nhwc, tokens")
+    grad_checkpointing: bool = option(False, "recompute each module's activations in backward: less memory, more "
+                                      "time", runtime=True)
 
     def __post_init__(self) -> None:
-        self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
-        if self.rank < 1 or self.groups < 1:
-            raise ValueError(f"rank={self.rank} and groups={self.groups} must be positive integers")
+        self.kernel_sizes = odd_sizes("kernel_sizes", self.kernel_sizes)
+        positive_int("rank", self.rank)
+        positive_int("groups", self.groups)
         if self.rank % self.groups:
             raise ValueError(f"groups={self.groups} must divide rank={self.rank}")
-        if not self.kernel_sizes or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes):
-            raise ValueError(f"kernel_sizes={list(self.kernel_sizes)} must be a non-empty list of odd sizes")
 
 
 class MultiScaleTransform(nn.Module):
@@ -59,22 +63,25 @@ class MultiScaleTransform(nn.Module):
     Shapes: (B, C_in, H, W) -> (B, D, H, W).
     """
 
-    def __init__(self, in_channels: int, rank: int, groups: int, kernel_sizes: tuple[int, ...],
+    def __init__(self, in_channels: int, *, rank: int, groups: int, kernel_sizes: tuple[int, ...],
                  enhance: bool = True, global_pool: bool = False, gate: bool = False,
-                 act_layer: type[nn.Module] = nn.GELU) -> None:
+                 act_layer: type[nn.Module] = nn.GELU, device=None, dtype=None) -> None:
         super().__init__()
-        self.down = nn.Conv2d(in_channels, rank, 1, groups=groups)  # independent of the linear branch (Sec. 3.2)
-        self.paths = nn.ModuleList(nn.Conv2d(rank, rank, k, padding=k // 2, groups=rank) for k in kernel_sizes)
+        dd = {"device": device, "dtype": dtype}
+        self.down = nn.Conv2d(in_channels, rank, 1, groups=groups, **dd)  # independent of the linear branch (Sec. 3.2)
+        self.paths = nn.ModuleList(nn.Conv2d(rank, rank, k, padding=k // 2, groups=rank, **dd) for k in kernel_sizes)
         # Global pooling path (Sec. 3.5): image-level summary, one depth-wise scale + bias, broadcast back.
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(rank, rank, 1, groups=rank)) if global_pool else None
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(rank, rank, 1, groups=rank, **dd)) \
+            if global_pool else None
         n_paths = len(kernel_sizes) + int(global_pool)
         # Gated attention (Sec. 3.5): a single attention map per parallel path, applied multiplicatively.
-        self.gates = nn.ModuleList(nn.Conv2d(rank, 1, 1) for _ in range(n_paths)) if gate else None
+        self.gates = nn.ModuleList(nn.Conv2d(rank, 1, 1, **dd) for _ in range(n_paths)) if gate else None
         self.act = act_layer()
-        self.post = nn.Sequential(LayerNorm2d(rank), act_layer()) if enhance else nn.Identity()
-        self.pw = nn.Conv2d(rank, rank, 1)
+        self.post = nn.Sequential(LayerNorm2d(rank, **dd), act_layer()) if enhance else nn.Identity()
+        self.pw = nn.Conv2d(rank, rank, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Trans(F): (B, C_in, H, W) -> (B, D, H, W)."""
         t = self.down(x)  # (B, D, H, W)
         outs = [self.act(conv(t)) for conv in self.paths]
         if self.pool is not None:
@@ -99,10 +106,11 @@ class MSLoRA(nn.Module):
         ValueError: ``groups`` does not divide ``in_channels`` or ``rank``; bad ``kernel_sizes``.
     """
 
-    def __init__(self, in_channels: int, rank: int = 128, groups: int = 4, kernel_sizes: tuple[int, ...] = (3, 5, 7),
-                 enhance: bool = True, global_pool: bool = False, gate: bool = False, channel_shuffle: bool = False,
-                 input_norm: bool = False, zero_init: bool = True, layout: Layout = Layout(), name: str = "",
-                 grad_checkpointing: bool = False) -> None:
+    def __init__(self, in_channels: int, *, rank: int = 128, groups: int = 4,
+                 kernel_sizes: tuple[int, ...] = (3, 5, 7), enhance: bool = True, global_pool: bool = False,
+                 gate: bool = False, channel_shuffle: bool = False, input_norm: bool = False, zero_init: bool = True,
+                 layout: Layout = Layout(), name: str = "", grad_checkpointing: bool = False, device=None,
+                 dtype=None) -> None:
         super().__init__()
         where = f" of {name}" if name else ""
         if in_channels % groups:
@@ -110,30 +118,33 @@ class MSLoRA(nn.Module):
                              "every site's channel count (groups=1 always does)")
         if rank % groups:
             raise ValueError(f"groups={groups} must divide rank={rank}")
+        dd = {"device": device, "dtype": dtype}
         self.layout, self.grad_checkpointing = layout, grad_checkpointing
-        self.norm = LayerNorm2d(in_channels) if input_norm else nn.Identity()  # pre-norm backbones (Sec. 4.1)
-        self.proj = nn.Conv2d(in_channels, rank, 1, groups=groups)  # linear branch Proj (Sec. 3.1)
-        self.trans = MultiScaleTransform(in_channels, rank, groups, kernel_sizes, enhance, global_pool, gate)
+        self.norm = LayerNorm2d(in_channels, **dd) if input_norm else nn.Identity()  # pre-norm backbones (Sec. 4.1)
+        self.proj = nn.Conv2d(in_channels, rank, 1, groups=groups, **dd)  # linear branch Proj (Sec. 3.1)
+        self.trans = MultiScaleTransform(in_channels, rank=rank, groups=groups, kernel_sizes=kernel_sizes,
+                                         enhance=enhance, global_pool=global_pool, gate=gate, **dd)
         self.shuffle = nn.ChannelShuffle(groups) if channel_shuffle and groups > 1 else nn.Identity()
-        self.up = nn.Conv2d(rank, in_channels, 1, groups=groups)
+        self.up = nn.Conv2d(rank, in_channels, 1, groups=groups, **dd)
         if zero_init:
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
-    def update(self, f: torch.Tensor) -> torch.Tensor:
-        """H(F) = Up(Proj(F) * Trans(F)) of Eq. 1: (B, C, H, W) -> (B, C, H, W)."""
+    def reweighting(self, f: torch.Tensor) -> torch.Tensor:
+        """The reweighting H(F) = Up(Proj(F) * Trans(F)) of Eq. 1: (B, C, H, W) -> (B, C, H, W)."""
         h = self.norm(f)
         h = self.proj(h) * self.trans(h)  # (B, D, H, W): attention reweighting, Eq. 1
         return self.up(self.shuffle(h))  # (B, C, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """F' = F + H(F) on ``x`` in this module's layout; same shape out, prefix tokens unchanged."""
         f, prefix = self.layout.to_2d(x)  # (B, C, H, W)
         if self.grad_checkpointing and torch.is_grad_enabled():
             # Keep only F for backward and recompute the rank-D maps there (torch.utils.checkpoint): on early,
             # high-resolution sites those maps outweigh full fine-tuning's gradients and optimiser state.
-            h = checkpoint(self.update, f, use_reentrant=False)
+            h = checkpoint(self.reweighting, f, use_reentrant=False)
         else:
-            h = self.update(f)
+            h = self.reweighting(f)
         return self.layout.from_2d(f + h, prefix)  # residual, F' = F + H(F)
 
 
@@ -154,23 +165,10 @@ def apply_mslora(model: nn.Module, cfg: MSLoRAConfig) -> None:
     sites = find_sites(model, cfg.target_modules, cfg.layout)
     spatial_only(sites, "mslora")
     for site in sites:
-        input_norm = cfg.input_norm if cfg.input_norm is not None else site.pre_norm
-        module = MSLoRA(site.channels, cfg.rank, cfg.groups, cfg.kernel_sizes, cfg.enhance, cfg.global_pool,
-                        cfg.gate, cfg.channel_shuffle, input_norm, cfg.zero_init, site.layout, site.name,
-                        cfg.grad_checkpointing)
+        module = MSLoRA(site.channels, rank=cfg.rank, groups=cfg.groups, kernel_sizes=cfg.kernel_sizes,
+                        enhance=cfg.enhance, global_pool=cfg.global_pool, gate=cfg.gate,
+                        channel_shuffle=cfg.channel_shuffle,
+                        input_norm=cfg.input_norm if cfg.input_norm is not None else site.pre_norm,
+                        zero_init=cfg.zero_init, layout=site.layout, name=site.name,
+                        grad_checkpointing=cfg.grad_checkpointing)
         attach(model, site.name, module, site.mode)
-
-
-def spatial_only(sites, method: str) -> None:
-    """Refuse sites whose features are not a 2D grid (a depth-wise convolution over them would mix unrelated
-    positions).
-
-    Raises:
-        ValueError: naming the first such site.
-    """
-    for site in sites:
-        if not site.layout.spatial:
-            raise ValueError(f"{method} needs a spatial grid, but the tokens at '{site.name}' are not one (not in "
-                             "raster order, or their count does not follow the input size); adapt sites with "
-                             "(B, C, H, W) or (B, H, W, C) features via target_modules, or use a point-wise method "
-                             "(adapter, lorand, lora)")

@@ -22,26 +22,36 @@ import torch
 from torch import nn
 
 from mslora.core.placement import modules_in_blocks
+from mslora.methods.options import option, positive_int, probability
 from mslora.registry import register
 
 
 @dataclass
-class LoRAConfig:
-    """Options shared by the PEFT low-rank methods (PEFT's names: r, lora_alpha, lora_dropout)."""
+class LowRankConfig:
+    """Options every PEFT low-rank method has (PEFT's names: r, lora_dropout / hira_dropout).
 
-    rank: int = 8  # r: rank of B A
-    alpha: float = 16.0  # lora_alpha: the update is scaled by alpha / rank (CoLoRA supp. F: alpha / r = 2)
-    dropout: float = 0.0  # dropout on the adapter input
-    target_modules: str | None = None  # regex over module names; default: Linear and ungrouped Conv2d in blocks
+    Raises (on construction):
+        ValueError: a rank that is not a positive integer, or a dropout outside [0, 1).
+    """
+
+    rank: int = option(8, "r: rank of B A")
+    dropout: float = option(0.0, "dropout on the adapter input")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank={self.rank} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        positive_int("rank", self.rank)
+        probability("dropout", self.dropout)
 
 
-def _targets(model: nn.Module, cfg: "LoRAConfig | HiRAConfig", pointwise: bool = False) -> list[str]:
+@dataclass
+class LoRAConfig(LowRankConfig):
+    """Options of LoRA, DoRA and PiSSA (PEFT's LoraConfig: r, lora_alpha, lora_dropout, target_modules)."""
+
+    alpha: float = option(16.0, "lora_alpha: the update is scaled by alpha / rank (CoLoRA supp. F: alpha / r = 2)")
+    target_modules: str | None = option(None, "regex over module names; default: Linear and ungrouped Conv2d in "
+                                        "blocks (PiSSA: Linear layers, or in CNNs 1x1 Conv2d layers)")
+
+
+def default_targets(model: nn.Module, cfg: LoRAConfig | HiRAConfig, pointwise: bool = False) -> list[str]:
     """Linear and ungrouped Conv2d layers in the blocks (or ``target_modules``); ``pointwise``: Linear layers, or
     in a CNN without Linear layers in its blocks, 1x1 Conv2d layers (CoLoRA supp. Sec. F)."""
     names = modules_in_blocks(model, (nn.Linear, nn.Conv2d), cfg.target_modules,
@@ -62,6 +72,11 @@ def _inject(model: nn.Module, peft_config) -> None:
     inject_adapter_in_model(peft_config, model)
 
 
+def undo_peft(model: nn.Module, cfg=None) -> None:
+    """Put every PEFT layer's base layer back unmerged (for :func:`mslora.unadapt`)."""
+    unwrap_peft(model, merge=False)
+
+
 def unwrap_peft(model: nn.Module, merge: bool) -> None:
     """Put every PEFT layer's base layer back in its place (frozen), merging its update into it first when
     ``merge`` (``merge(safe_merge=True)`` raises ValueError on non-finite weights, before changing that layer)."""
@@ -79,7 +94,11 @@ def unwrap_peft(model: nn.Module, merge: bool) -> None:
 
 
 def merge_peft(model: nn.Module, cfg=None) -> None:
-    """Merge every PEFT layer into its base layer and put the base layer back in its place."""
+    """Merge every PEFT layer into its base layer and put the base layer back in its place.
+
+    Raises:
+        ValueError: a merged weight is not finite (PEFT's ``safe_merge``; that layer is left unmerged).
+    """
     unwrap_peft(model, merge=True)
 
 
@@ -87,22 +106,22 @@ def _lora(model: nn.Module, cfg: LoRAConfig, **extra) -> None:
     from peft import LoraConfig
 
     _inject(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=_targets(model, cfg), **extra))
+                              target_modules=default_targets(model, cfg), **extra))
 
 
-@register("lora", LoRAConfig, merge=merge_peft)
+@register("lora", LoRAConfig, merge=merge_peft, undo=undo_peft)
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> None:
     """LoRA on Linear and Conv2d layers (PEFT); B = 0 at initialisation, so the model starts as the backbone."""
     _lora(model, cfg)
 
 
-@register("dora", LoRAConfig, merge=merge_peft)
+@register("dora", LoRAConfig, merge=merge_peft, undo=undo_peft)
 def apply_dora(model: nn.Module, cfg: LoRAConfig) -> None:
     """DoRA (PEFT ``use_dora=True``) on Linear and Conv2d layers."""
     _lora(model, cfg, use_dora=True)
 
 
-@register("pissa", LoRAConfig, merge=merge_peft)
+@register("pissa", LoRAConfig, merge=merge_peft, undo=undo_peft)
 def apply_pissa(model: nn.Module, cfg: LoRAConfig) -> dict:
     """PiSSA on Linear layers (PEFT), or on 1x1 convolutions in CNNs (the same SVD initialisation, done here):
     B A holds the top-r singular components and W their residual, so the model equals the backbone at
@@ -113,7 +132,7 @@ def apply_pissa(model: nn.Module, cfg: LoRAConfig) -> dict:
     """
     from peft import LoraConfig
 
-    targets = _targets(model, cfg, pointwise=True)
+    targets = default_targets(model, cfg, pointwise=True)
     # On the meta device (parameter counting) there are no weights to decompose; the count is the same.
     meta = next(model.parameters()).device.type == "meta"
     # PiSSA replaces W by its residual: keep W so that mslora.unadapt can give the backbone back.
@@ -145,24 +164,17 @@ def _pissa_conv1x1(layer) -> None:
 
 
 @dataclass
-class HiRAConfig:
-    """Options of HiRA (PEFT's HiraConfig has no scaling factor)."""
+class HiRAConfig(LowRankConfig):
+    """Options of HiRA (PEFT's HiraConfig: r, hira_dropout, target_modules; it has no scaling factor)."""
 
-    rank: int = 8  # r of B A inside the Hadamard product
-    dropout: float = 0.0  # hira_dropout on the adapter input
-    target_modules: str | None = None  # regex over module names; default: Linear and ungrouped Conv2d in blocks
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank={self.rank} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+    target_modules: str | None = option(None, "regex over module names; default: Linear layers in the blocks, or in "
+                                        "CNNs 1x1 Conv2d layers")
 
 
-@register("hira", HiRAConfig, merge=merge_peft)
+@register("hira", HiRAConfig, merge=merge_peft, undo=undo_peft)
 def apply_hira(model: nn.Module, cfg: HiRAConfig) -> None:
     """HiRA (PEFT HiraConfig) on Linear layers, or on 1x1 convolutions in CNNs (CoLoRA supp. Sec. F):
     W' = W + W ⊙ (B A), B = 0 at initialisation."""
     from peft import HiraConfig
 
-    _inject(model, HiraConfig(r=cfg.rank, hira_dropout=cfg.dropout, target_modules=_targets(model, cfg, pointwise=True)))
+    _inject(model, HiraConfig(r=cfg.rank, hira_dropout=cfg.dropout, target_modules=default_targets(model, cfg, pointwise=True)))

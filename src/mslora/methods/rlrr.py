@@ -24,9 +24,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mslora.core.inject import head_module, under
-from mslora.core.placement import family, modules_in_blocks
-from mslora.core.reparam import NORMS, Rescale, Shift, merge_parametrizations, reparametrize, scale_shift
+from mslora.core.families import NORM_TYPES, family
+from mslora.core.hooks import head_module, is_inside
+from mslora.core.placement import modules_in_blocks
+from mslora.core.reparam import Rescale, Shift, merge_parametrizations, reparametrize, scale_shift
+from mslora.methods.options import one_of, option, positive_int
 from mslora.registry import register
 
 RLRR_INITS = ("identity", "official")
@@ -38,19 +40,24 @@ def _affine(m: nn.Module) -> bool:
 
 @dataclass
 class RLRRConfig:
-    """Options of RLRR."""
+    """Options of RLRR.
 
-    rank: int = 1  # rank of S_left @ S_right; 1 is the paper's vector form (Eq. 16), r > 1 is supp. F
-    init: str = "identity"  # 'identity': s_left = 0, SSF at 1 / 0, so the model starts as the backbone;
-    # 'official': the released code's kaiming-uniform (a=0) scales and N(1, 0.02) / N(0, 0.02) SSF terms
-    norms: bool = True  # transformers: SSF scale and shift on the norm layers (blocks, final norm, patch embedding)
-    target_modules: str | None = None  # regex over module names (Linear, Conv2d, norms); default: the layout above
+    Raises (on construction):
+        ValueError: a rank that is not a positive integer, or an unknown init.
+    """
+
+    rank: int = option(1, "rank of S_left @ S_right; 1 is the paper's vector form (Eq. 16), r > 1 is supp. F")
+    init: str = option("identity", "'identity': s_left = 0, SSF at 1 / 0, so the model starts as the backbone; "
+                       "'official': the released code's kaiming-uniform (a=0) scales and N(1, 0.02) / N(0, 0.02) SSF "
+                       "terms")
+    norms: bool = option(True, "transformers: SSF scale and shift on the norm layers (blocks, final norm, patch "
+                         "embedding)")
+    target_modules: str | None = option(None, "regex over module names (Linear, Conv2d, norms); default: the layout "
+                                        "above")
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank={self.rank} must be a positive integer")
-        if self.init not in RLRR_INITS:
-            raise ValueError(f"init='{self.init}' is not one of {', '.join(RLRR_INITS)}")
+        positive_int("rank", self.rank)
+        one_of("init", self.init, RLRR_INITS)
 
 
 def _rlrr_targets(model: nn.Module, cfg: RLRRConfig) -> tuple[list[str], list[str]]:
@@ -58,24 +65,24 @@ def _rlrr_targets(model: nn.Module, cfg: RLRRConfig) -> tuple[list[str], list[st
     if cfg.target_modules is not None:
         layers = modules_in_blocks(model, (nn.Linear, nn.Conv2d), cfg.target_modules)
         rx = re.compile(cfg.target_modules)
-        norms = [n for n, m in model.named_modules() if isinstance(m, NORMS) and _affine(m) and rx.fullmatch(n)]
+        norms = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine(m) and rx.fullmatch(n)]
         return layers, norms if cfg.norms else []
     head = tuple(head_module(model))
-    outside_head = [(n, m) for n, m in model.named_modules() if n and not (n in head or under(n, head))]
+    outside_head = [(n, m) for n, m in model.named_modules() if n and not (n in head or is_inside(n, head))]
     if any(isinstance(model.get_submodule(n), nn.Linear) for n in modules_in_blocks(model, (nn.Linear, nn.Conv2d))):
         layers = [n for n, m in outside_head if isinstance(m, nn.Linear)]
         try:
-            norms = modules_in_blocks(model, NORMS, keep=_affine) if cfg.norms else []
+            norms = modules_in_blocks(model, NORM_TYPES, keep=_affine) if cfg.norms else []
         except ValueError:  # blocks without affine norm layers
             norms = []
         for final in ("norm", "fc_norm"):  # the final norm (timm ViTs with average pooling norm after it)
             m = getattr(model, final, None)
-            if cfg.norms and isinstance(m, NORMS) and _affine(m):
+            if cfg.norms and isinstance(m, NORM_TYPES) and _affine(m):
                 norms.append(final)
                 break
         proj = getattr(getattr(model, "patch_embed", None), "proj", None)
         fam = family(model)
-        if cfg.norms and isinstance(proj, nn.Conv2d) and not (fam is not None and "SwinTransformer" in fam.classes):
+        if cfg.norms and isinstance(proj, nn.Conv2d) and (fam is None or fam.patch_embed_ssf):
             norms.append("patch_embed.proj")
         return layers, norms
     return [n for n, m in outside_head if isinstance(m, nn.Conv2d)], []
@@ -107,12 +114,13 @@ def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
 class SSFConfig:
     """Options of SSF."""
 
-    target_modules: str | None = None  # regex over module names; default: every Linear, Conv2d and norm in blocks
+    target_modules: str | None = option(None, "regex over module names; default: every Linear, Conv2d and norm in "
+                                        "blocks")
 
 
 @register("ssf", SSFConfig, merge=lambda model, cfg: merge_parametrizations(model))
 def apply_ssf(model: nn.Module, cfg: SSFConfig) -> None:
     """Scale and shift the outputs of every Linear, Conv2d and affine norm layer in the blocks (identity init:
     scale 1, shift 0; SSF's own code draws them from N(1, 0.02) and N(0, 0.02))."""
-    for name in modules_in_blocks(model, (nn.Linear, nn.Conv2d, *NORMS), cfg.target_modules, keep=_affine):
+    for name in modules_in_blocks(model, (nn.Linear, nn.Conv2d, *NORM_TYPES), cfg.target_modules, keep=_affine):
         scale_shift(model.get_submodule(name))

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mslora.core.inject import keep_handle, store
-from mslora.core.placement import blocks, family
+from mslora.core.families import prompt_support
+from mslora.core.hooks import add_adapter, keep_handle
+from mslora.core.placement import blocks
+from mslora.methods.options import option, positive_int, probability
 from mslora.registry import register
 
 
@@ -23,15 +25,13 @@ from mslora.registry import register
 class VPTConfig:
     """Options of VPT."""
 
-    num_tokens: int = 10  # m: prompt tokens per layer
-    deep: bool = True  # VPT-Deep (new prompts at every block); False: VPT-Shallow (first block only)
-    dropout: float = 0.0  # dropout on the prompts
+    num_tokens: int = option(10, "m: prompt tokens per layer")
+    deep: bool = option(True, "VPT-Deep (new prompts at every block); False: VPT-Shallow (first block only)")
+    dropout: float = option(0.0, "dropout on the prompts")
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens={self.num_tokens} must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        positive_int("num_tokens", self.num_tokens)
+        probability("dropout", self.dropout)
 
 
 class Prompts(nn.Module):
@@ -64,16 +64,15 @@ def apply_vpt(model: nn.Module, cfg: VPTConfig) -> None:
             global token sequence whose blocks take any number of tokens; EVA's rotary and BEiT's relative
             position embeddings are built for the patch tokens alone).
     """
-    fam = family(model)
-    if fam is None or fam.prompts is not True:
-        why = fam.prompts if fam is not None else "VPT inserts prompts into one global token sequence (ViT, DeiT)"
-        raise ValueError(f"vpt does not apply to {type(model).__name__}: {why}")
+    support = prompt_support(model)
+    if support is not True:
+        raise ValueError(f"vpt does not apply to {type(model).__name__}: {support}")
     names = blocks(model)
     patch = model.patch_embed.patch_size[0]
     p = next(model.parameters())
     prompts = Prompts(len(names) if cfg.deep else 1, cfg.num_tokens, model.embed_dim, patch,
                       int(model.num_prefix_tokens), cfg.dropout).to(p.device, p.dtype)
-    store(model, "vpt", prompts)
+    add_adapter(model, "vpt", prompts)
     for i, name in enumerate(names):
         if i == 0 or cfg.deep:
             keep_handle(model.get_submodule(name).register_forward_pre_hook(

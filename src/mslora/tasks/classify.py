@@ -13,28 +13,18 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-import timm
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
-import mslora
-from mslora.backbones import check_backbone_name, create_backbone
-from mslora.data import build_transforms, load_classification
-from mslora.registry import get_method
-from mslora.tasks import Task, register_task
-
-
-def build_backbone(cfg, num_classes: int) -> nn.Module:
-    """The backbone with its weights. Models with a fixed patch grid (ViT, Swin) are built for ``cfg.img_size``
-    (timm resamples position embeddings of pretrained weights); CNNs take any size as they are."""
-    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.backbone)  # None for an unknown name: create_backbone says so
-    fixed = pretrained_cfg is not None and pretrained_cfg.fixed_input_size
-    size = {"img_size": cfg.img_size} if fixed and pretrained_cfg.input_size[-1] != cfg.img_size else {}
-    return create_backbone(cfg.backbone, num_classes, cfg.pretrained, cfg.weights, drop_path_rate=cfg.drop_path_rate,
-                           **size)
+from mslora.backbones import build_backbone
+from mslora.core.adapt import adapt, load_adapter
+from mslora.data.classify import ClassificationData, load_classification
+from mslora.data.transforms import build_transforms
+from mslora.registry import register_task
+from mslora.tasks.base import Task
 
 
 def zero_head(model: nn.Module) -> None:
@@ -55,27 +45,29 @@ class Classification(Task):
 
     best_metric = "top1"
 
-    def __init__(self, cfg, data: str | None = None) -> None:
-        get_method(cfg.method).make_config(**cfg.method_options)  # fail on bad options before loading anything
-        check_backbone_name(cfg.backbone)
-        self.cfg = cfg
-        self.data = load_classification(data or cfg.data, cfg.split, cfg.split_seed, cfg.data_format)
-        self.keep_last = self.data.val_in_train  # validation images were trained on: no epoch is picked on them
-        cfg.split = self.data.split  # the split used, as the run's config and metrics record it
-        self.datasets = {"train": self.data.train, "val": self.data.val, "test": self.data.test}
+    def load_data(self, data: str) -> ClassificationData:
+        """The source split as ``cfg.split`` says (:func:`mslora.data.classify.load_classification`); records the
+        split used in ``cfg.split`` (the run's config and metrics say it) and whether the last epoch is kept."""
+        cfg = self.cfg
+        loaded = load_classification(data, cfg.split, cfg.split_seed, cfg.data_format)
+        self.keep_last = loaded.val_in_train  # validation images were trained on: no epoch is picked on them
+        cfg.split = loaded.split
+        return loaded
 
     def build_model(self, adapter: str | Path | None = None) -> nn.Module:
         """The backbone with a ``num_classes`` head, adapted by the method, or, with ``adapter``, adapted and loaded
         from that adapter file. With ``head_init='zero'`` a new head (random init, or another size than the
         pretrained one) is zeroed; a pretrained head of the right size is kept."""
-        model = build_backbone(self.cfg, self.data.num_classes)
+        cfg = self.cfg
+        model = build_backbone(cfg.backbone, self.num_classes, cfg.pretrained, cfg.weights, img_size=cfg.img_size,
+                               drop_path_rate=cfg.drop_path_rate)
         if adapter is not None:
-            return mslora.load_adapter(model, adapter)
-        loaded_head = (self.cfg.pretrained or self.cfg.weights) and \
-            (getattr(model, "pretrained_cfg", None) or {}).get("num_classes") == self.data.num_classes
-        if self.cfg.head_init == "zero" and not loaded_head:  # a pretrained head of the right size is kept
+            return load_adapter(model, adapter)
+        loaded_head = (cfg.pretrained or cfg.weights) and \
+            (getattr(model, "pretrained_cfg", None) or {}).get("num_classes") == self.num_classes
+        if cfg.head_init == "zero" and not loaded_head:  # a pretrained head of the right size is kept
             zero_head(model)
-        return mslora.adapt(model, self.cfg.method, **self.cfg.method_options)
+        return adapt(model, cfg.method, **cfg.method_options)
 
     def set_transforms(self, model: nn.Module) -> None:
         """Training and evaluation transforms at ``cfg.img_size`` with the model's normalisation."""
@@ -95,7 +87,7 @@ class Classification(Task):
         """Top-1, top-5 (fractions in [0, 1], torchmetrics micro accuracy; top-5 is top-k with k = min(5, classes))
         and mean cross-entropy over every image of the split, gathered from all processes."""
         model.eval()
-        c = self.data.num_classes
+        c = self.num_classes
         top1 = MulticlassAccuracy(c, top_k=1, average="micro")
         top5 = MulticlassAccuracy(c, top_k=min(5, c), average="micro")
         loss_sum, n = 0.0, 0
@@ -113,7 +105,7 @@ class Classification(Task):
         90% of chance level ln(num_classes) or more while the last epoch's validation top-1 is at most twice chance
         (the model ended at chance, whatever an earlier epoch reached: a run that learnt in epoch 1 and then fell to
         chance is collapsed)."""
-        c = self.data.num_classes
+        c = self.num_classes
         if not history:
             return None
         last = history[-1]["train_loss"]
@@ -124,7 +116,3 @@ class Classification(Task):
             return (f"training loss {last:.3f} stayed at chance level ln({c}) = {math.log(c):.3f} and the last "
                     f"validation top-1 is {final:.3f} (chance {1 / c:.3f})")
         return None
-
-    def metadata(self) -> dict[str, Any]:
-        """Number of classes and class names."""
-        return {"num_classes": self.data.num_classes, "classes": self.data.classes, "dataset": self.data.name}

@@ -16,6 +16,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mslora.core.adapt import adapt
+from mslora.core.state import adaptation, adapter_state_dict, architecture
+
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the timm model
 METHODS = {"lora": "LORA", "dora": "LORA", "hira": "HIRA"}
 
@@ -27,9 +30,7 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
         ValueError: the model is not adapted with lora, dora or hira (PiSSA named apart), or the folder exists
             and is not empty (nothing is overwritten).
     """
-    from peft import get_peft_model_state_dict
-
-    from mslora.core.state import adaptation, adapter_state_dict, architecture
+    from peft import get_peft_model_state_dict  # PEFT takes seconds to import: only when used
 
     rec = adaptation(model)
     if rec is None or rec.method not in METHODS:
@@ -61,10 +62,7 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.
         ValueError: a PEFT method mslora does not run (named), PiSSA, or tensors that do not fit the model.
     """
-    from peft import PeftConfig, set_peft_model_state_dict
-
-    import mslora
-    from mslora.core.state import adaptation
+    from peft import PeftConfig, set_peft_model_state_dict  # PEFT takes seconds to import: only when used
 
     folder = Path(directory)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -83,7 +81,7 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     options = {"rank": cfg.r, "target_modules": targets}
     if method != "hira":
         options.update(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    mslora.adapt(model, method, **options)
+    adapt(model, method, **options)
     tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
     head_names = adaptation(model).head
     head = {k: v for k, v in tensors.items() if any(k.startswith(h + ".") for h in head_names)}

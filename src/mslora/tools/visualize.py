@@ -14,13 +14,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_model_data_config
 from torch import nn
+
+from mslora.data.images import load_rgb
+from mslora.data.transforms import build_transforms
+from mslora.engine.rebuild import rebuild, run_config
+from mslora.methods.mslora import MSLoRA
 
 
 def mslora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's MSLoRA modules in forward order (their registration order)."""
-    from mslora.methods.mslora import MSLoRA
-
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MSLoRA)]
 
 
@@ -48,7 +52,7 @@ def site_maps(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
 
     def record(mod, args, out, n):
         f = mod.layout.to_2d(args[0])[0]
-        h = mod.update(f)
+        h = mod.reweighting(f)
         rows.append({"name": n, "frozen": frozen[n].abs().mean(1), "adapted": (f + h).abs().mean(1),
                      "update": h.abs().mean(1)})
 
@@ -112,28 +116,16 @@ def visualize(adapter: str | Path, images: list[str | Path], output: str | Path,
         FileNotFoundError: no adapter file or image.
         ValueError: not an MSLoRA classification run, or an unreadable image (named).
     """
-    from accelerate.utils import set_seed
-    from timm.data import resolve_model_data_config
-
-    import mslora
-    from mslora.core.state import read_adapter
-    from mslora.data import build_transforms, load_rgb
-    from mslora.engine.config import TrainConfig
-    from mslora.tasks.classify import build_backbone
-
-    path = Path(adapter)
-    path = path / "adapter.safetensors" if path.is_dir() else path
-    _, meta = read_adapter(path)
+    path, meta, cfg = run_config(adapter, workers=0)
     if meta["method"] != "mslora":
         raise ValueError(f"'{path}' is a {meta['method']} adapter; visualize draws MSLoRA's reweighting")
-    if "train_config" not in meta or meta["train_config"].get("task", "classify") != "classify":
+    if cfg.task != "classify":
         raise ValueError(f"'{path}' is not from an mslora classification run (mslora train --task classify)")
     for img in images:
         if not Path(img).is_file():
             raise FileNotFoundError(f"image '{img}' does not exist")
-    cfg = TrainConfig.from_dict({**meta["train_config"], "workers": 0}, f"adapter file '{path}'")
-    set_seed(cfg.seed)  # a random-init backbone is rebuilt as in training
-    model = mslora.load_adapter(build_backbone(cfg, meta["num_classes"]), path).to(device).eval()
+    _, model, _ = rebuild(path, workers=0)
+    model = model.to(device).eval()
     dc = resolve_model_data_config(model)
     tf = build_transforms(img_size or cfg.img_size, dc["mean"], dc["std"], dc.get("crop_pct", 0.875), train=False)
     out = Path(output)

@@ -11,6 +11,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mslora.engine.config import config_from_args
+from mslora.engine.loop import train
+
 VTAB_GROUPS = {
     "Natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
     "Specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
@@ -47,9 +50,6 @@ def sweep(train_argv: list[str], root: str | Path, output: str | Path, tasks: li
         FileNotFoundError: a requested task folder is missing under ``root`` (all are checked before training).
         ValueError: an unknown task name, or training options that do not parse.
     """
-    from mslora.cli import _train_config
-    from mslora.engine import train
-
     root, out = Path(root), Path(output)
     unknown = sorted(set(tasks or ()) - set(VTAB_TASKS))
     if unknown:
@@ -58,7 +58,7 @@ def sweep(train_argv: list[str], root: str | Path, output: str | Path, tasks: li
     missing = [t for t in names if not (root / t).is_dir()]
     if missing or not names:
         raise FileNotFoundError(f"no VTAB-1k task folder {', '.join(missing or VTAB_TASKS)} under '{root}'")
-    configs = {t: _train_config([*train_argv, "--data", str(root / t), "--output", str(out / "runs")]) for t in names}
+    configs = {t: config_from_args([*train_argv, "--data", str(root / t), "--output", str(out / "runs")]) for t in names}
     results: dict[str, dict[str, Any]] = {}
     for t, cfg in configs.items():
         metrics, run = train(cfg)

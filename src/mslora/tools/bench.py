@@ -31,6 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mslora.backbones import build_backbone
+from mslora.core.adapt import adapt, merge
+from mslora.core.hooks import freeze_batchnorm
+from mslora.core.state import count_parameters
+from mslora.methods.peft_methods import LoRAConfig, default_targets
+from mslora.registry import get_method
+
 REFERENCES = ("backbone", "peft_lora")
 
 
@@ -45,35 +52,22 @@ def build(backbone: str, method: str, img_size: int, options: dict[str, Any] | N
     Raises:
         ValueError: unknown backbone or method (close matches named).
     """
-    import timm
-
-    import mslora
-    from mslora.backbones import check_backbone_name
-
-    check_backbone_name(backbone)
-    pcfg = timm.models.get_pretrained_cfg(backbone)
-    kw = {"img_size": img_size} if pcfg is not None and pcfg.fixed_input_size else {}
-    model = timm.create_model(backbone, pretrained=False, **kw)
+    model = build_backbone(backbone, 1000, pretrained=False, img_size=img_size)
     if method == "backbone":  # frozen as every adapter sees it (BatchNorm statistics too), nothing to train
-        return mslora.adapt(model, "fixed").requires_grad_(False)
+        return adapt(model, "fixed").requires_grad_(False)
     if method == "peft_lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        from mslora.core.inject import _keep_eval
-        from mslora.methods.peft_methods import LoRAConfig, _targets
+        from peft import LoraConfig, inject_adapter_in_model  # PEFT takes seconds to import: only for this row
 
         ours = LoRAConfig(**(options or {}))
         model = inject_adapter_in_model(LoraConfig(r=ours.rank, lora_alpha=ours.alpha,
-                                                   target_modules=_targets(model, ours)), model)
+                                                   target_modules=default_targets(model, ours)), model)
         model.get_classifier().requires_grad_(True)  # as ours: head trained, BatchNorm statistics frozen
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.register_forward_pre_hook(_keep_eval)
+        freeze_batchnorm(model)
         return model
-    return mslora.adapt(model, method, **(options or {}))
+    return adapt(model, method, **(options or {}))
 
 
-class _Row:
+class BenchRow:
     """One row's model, optimiser and inputs, and its measured times."""
 
     def __init__(self, backbone, method, options, img_size, batch_size, device, channels_last):
@@ -148,10 +142,6 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
     Raises:
         ValueError: unknown backbone, method, device or precision.
     """
-    import mslora
-    from mslora.core.state import count_parameters
-    from mslora.registry import get_method
-
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision={precision!r} must be one of fp32, bf16, fp16")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -164,7 +154,7 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
             get_method(m)
     options = options or {}
     autocast = _autocast(dev.type, precision)
-    rows = [_Row(backbone, m, options.get(m if m != "peft_lora" else "lora"), img_size, batch_size, dev, channels_last)
+    rows = [BenchRow(backbone, m, options.get(m if m != "peft_lora" else "lora"), img_size, batch_size, dev, channels_last)
             for m in names]
     for r in range(warmup + steps):
         for row in rows:
@@ -175,7 +165,7 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
     for row in rows:
         spec = None if row.method in REFERENCES else get_method(row.method)
         if spec is not None and not spec.merge_impossible and row.method != "full":
-            merged[row.method] = mslora.merge(copy.deepcopy(row.model))
+            merged[row.method] = merge(copy.deepcopy(row.model))
     for r in range(warmup + steps):
         for row in rows:
             ms = row.infer(row.model, autocast)
@@ -206,7 +196,7 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
     del rows, merged
     if memory:
         for r in out:
-            fresh = _Row(backbone, r["method"], options.get(r["method"] if r["method"] != "peft_lora" else "lora"),
+            fresh = BenchRow(backbone, r["method"], options.get(r["method"] if r["method"] != "peft_lora" else "lora"),
                          img_size, batch_size, dev, channels_last)
             mb, kind = peak_train_memory(fresh, autocast)
             r.update(peak_train_mem_mb=round(mb, 1), peak_mem_kind=kind)
@@ -214,7 +204,7 @@ def bench(backbone: str, methods: list[str], img_size: int = 224, batch_size: in
     return out
 
 
-def peak_train_memory(row: "_Row", autocast, steps: int = 2) -> tuple[float, str]:
+def peak_train_memory(row: "BenchRow", autocast, steps: int = 2) -> tuple[float, str]:
     """Peak memory in MB that ``steps`` training steps of a freshly built row allocate on top of its model
     (activations kept for backward, gradients, optimiser state: the first step creates AdamW's), and its kind.
 

@@ -1,5 +1,6 @@
-"""Detectors on an (adapted) timm backbone from torchvision's detection parts: Faster R-CNN, Mask R-CNN, Cascade
-Mask R-CNN, RetinaNet and FCOS, each with a feature pyramid network over :class:`mslora.features.Features`.
+"""The ``detect`` task (object detection and instance segmentation) and its detectors on an (adapted) timm
+backbone, from torchvision's detection parts: Faster R-CNN, Mask R-CNN, Cascade Mask R-CNN, RetinaNet and FCOS, each
+with a feature pyramid network over :class:`mslora.backbones.Features`.
 
 - Faster / Mask R-CNN (Ren et al., NeurIPS 2015; He et al., ICCV 2017): FPN levels at the backbone's strides plus
   a max-pooled level (torchvision's ``LastLevelMaxPool``), as torchvision's ``*_resnet50_fpn`` builds them.
@@ -12,10 +13,18 @@ Anchor sizes follow the levels: ``anchor_scale`` x stride (torchvision's default
 three octave scales per level for RetinaNet. Images are normalised with the backbone's own mean and std
 (timm ``pretrained_cfg``) and resized by torchvision's ``GeneralizedRCNNTransform`` between ``min_size`` and
 ``max_size``. The backbone's BatchNorm layers stay frozen (``mslora.adapt``); the FPN and the heads train.
+
+Metrics: COCO's evaluator's box AP (``bbox_AP``, ``bbox_AP50``, ``bbox_AP75``, ``bbox_APs/m/l``) and, for the
+detectors that predict masks (:data:`MASK_DETECTORS`), mask AP (``segm_AP``, ...), as fractions.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
@@ -24,16 +33,23 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, clip_boxes_to_image
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, box_convert, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from tqdm import tqdm
 
-from mslora.features import Features
+from mslora.backbones import Features
+from mslora.data.coco import coco_evaluate
+from mslora.data.dense import DenseData, detection_collate, load_dense
+from mslora.data.transforms import detection_transform
+from mslora.registry import register_task
+from mslora.tasks.base import DenseTask
 
 DETECTORS = ("fasterrcnn", "maskrcnn", "cascade_maskrcnn", "retinanet", "fcos")
+MASK_DETECTORS = ("maskrcnn", "cascade_maskrcnn")  # the detectors that predict instance masks
 
 
 class FPNBackbone(nn.Module):
-    """:class:`~mslora.features.Features` of a timm model (maps at stride ``min_stride`` or more) and a torchvision
+    """:class:`~mslora.backbones.Features` of a timm model (maps at stride ``min_stride`` or more) and a torchvision
     ``FeaturePyramidNetwork`` with an extra level: ``LastLevelMaxPool`` (``extra='pool'``) or P6/P7 from the last
     FPN map (``extra='p6p7'``). ``out_channels`` is the attribute torchvision's detectors read.
 
@@ -59,7 +75,8 @@ class FPNBackbone(nn.Module):
         self.out_channels = out_channels
         self.strides = strides + ([strides[-1] * 2] if extra == "pool" else [strides[-1] * 2, strides[-1] * 4])
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Images (B, 3, H, W) -> the FPN's maps, name -> (B, out_channels, H / s, W / s)."""
         maps = self.body(x)
         return self.fpn({k: maps[k] for k in self.keep})
 
@@ -108,6 +125,11 @@ class CascadeRoIHeads(RoIHeads):
         self.stage_weights = stage_weights
 
     def forward(self, features, proposals, image_shapes, targets=None):
+        """torchvision's ``RoIHeads.forward`` contract: ``features`` the FPN's maps (name -> (B, C, H_l, W_l)),
+        ``proposals`` the RPN's boxes per image ((N_i, 4) xyxy pixels of the resized image), ``image_shapes`` the
+        resized (H, W) per image, ``targets`` (training) boxes / labels / masks per image. Returns (detections,
+        losses): in eval mode one dict per image with ``boxes`` (K, 4), ``labels`` (K,), ``scores`` (K,) and
+        ``masks`` (K, 1, 28, 28) probabilities; in train mode the weighted stage losses and ``loss_mask``."""
         losses, scores = {}, []
         labels = matched = None
         for t, (head, pred) in enumerate(zip(self.box_heads, self.box_predictors)):
@@ -183,7 +205,7 @@ def build_detector(model: nn.Module, detector: str, num_classes: int, min_size: 
         box = dict(box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
                    box_head=TwoMLPHead(channels * 7 * 7, representation),
                    box_predictor=FastRCNNPredictor(representation, num_classes + 1))
-        if detector == "fasterrcnn":
+        if detector not in MASK_DETECTORS:
             return FasterRCNN(backbone, None, rpn_anchor_generator=anchors, **box, **norm, **kwargs)
         det = MaskRCNN(backbone, None, rpn_anchor_generator=anchors, **box, **norm,
                        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
@@ -199,3 +221,78 @@ def build_detector(model: nn.Module, detector: str, num_classes: int, min_size: 
         return RetinaNet(backbone, num_classes, anchor_generator=anchors, **norm, **kwargs)
     anchors = AnchorGenerator(tuple((s,) for s in backbone.strides), ((1.0,),) * len(backbone.strides))
     return FCOS(backbone, num_classes, anchor_generator=anchors, **norm, **kwargs)
+
+
+@register_task("detect")
+class Detection(DenseTask):
+    """Object detection and instance segmentation with ``cfg.detector`` (:data:`mslora.detection.DETECTORS`) over
+    the adapted ``cfg.backbone``; images resized by the detector to a shorter side of ``cfg.img_size`` (longer side
+    at most 1333/800 of it, torchvision's ratio). Best epoch by validation box AP.
+
+    Raises (on construction):
+        ValueError / FileNotFoundError: bad method option, backbone, detector or data (nothing written yet).
+    """
+
+    best_metric = "bbox_AP"
+    collate_fn = staticmethod(detection_collate)
+
+    def __init__(self, cfg, data: str | None = None, classes: list[str] | None = None) -> None:
+        if cfg.detector not in DETECTORS:
+            raise ValueError(f"detector='{cfg.detector}' is not one of {', '.join(DETECTORS)}")
+        super().__init__(cfg, data, classes)
+        if cfg.detector in MASK_DETECTORS and self.data is not None and self.data.layout == "voc":
+            raise ValueError(f"detector='{cfg.detector}' needs instance masks; the VOC detection layout has boxes "
+                             "only: use fasterrcnn, retinanet or fcos")
+
+    def load_data(self, data: str) -> DenseData:
+        """The detection data at ``data`` (:func:`mslora.data.dense.load_dense`)."""
+        return load_dense(data, "detect", self.cfg.split_seed)
+
+    def wrap(self, backbone: nn.Module) -> nn.Module:
+        """``cfg.detector`` around the adapted backbone (:func:`build_detector`)."""
+        c = self.cfg.head_channels
+        rcnn = {"box_batch_size_per_image": self.cfg.rois_per_image} if self.cfg.detector.endswith("rcnn") else {}
+        return build_detector(backbone, self.cfg.detector, self.num_classes, min_size=self.cfg.img_size,
+                              max_size=round(self.cfg.img_size * 1333 / 800), anchor_scale=self.cfg.anchor_scale,
+                              channels=c, representation=4 * c, **rcnn)
+
+    def set_transforms(self, model: nn.Module) -> None:
+        """A horizontal flip in training; the detector resizes and normalises."""
+        self.data.with_transforms(detection_transform(True), detection_transform(False))
+
+    def losses(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """The detector's loss dict on a batch: a list of images (3, H_i, W_i) float in [0, 1] and a list of
+        targets (``boxes`` (N_i, 4) xyxy pixels, ``labels`` (N_i,) in 1..K, ``masks`` (N_i, H_i, W_i) for mask
+        detectors); also the number of images."""
+        images, targets = batch
+        return model(images, targets), len(images)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, gather: Callable[[Any], Any], desc: str = "eval") -> dict[str, float]:
+        """COCO's evaluator on the split: box AP (and mask AP when the detector predicts masks), as fractions."""
+        model.eval()
+        split = next(s for s, d in self.datasets.items() if d is loader.dataset)
+        gt, category_of, ids = self.data.coco[split]
+        boxes, segms, n = [], [], 0
+        for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
+            per_image = []
+            for out, t in zip(model(images), targets):
+                b = box_convert(out["boxes"].float().cpu(), "xyxy", "xywh")  # COCO's [x, y, w, h], a new tensor
+                cats = [category_of[int(c)] for c in out["labels"]]
+                dets = [{"image_id": t["image_id"], "category_id": c, "bbox": [round(float(v), 2) for v in box],
+                         "score": float(s)} for c, box, s in zip(cats, b, out["scores"])]
+                masks = []
+                if "masks" in out:
+                    binary = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+                    for d, m in zip(dets, binary):
+                        rle = mask_utils.encode(np.asfortranarray(m))
+                        masks.append({**d, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+                per_image.append((dets, masks))
+            for dets, masks in gather(per_image):
+                boxes += dets
+                segms += masks
+                n += 1
+        metrics = {f"bbox_{k}": v for k, v in coco_evaluate(gt, boxes, "bbox", ids).items()}
+        if self.cfg.detector in MASK_DETECTORS:
+            metrics.update({f"segm_{k}": v for k, v in coco_evaluate(gt, segms, "segm", ids).items()})
+        return {**metrics, "images": n}

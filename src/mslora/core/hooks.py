@@ -1,4 +1,5 @@
-"""Freeze a timm backbone and attach feature-space adapters (where they go: :mod:`mslora.core.placement`).
+"""Freeze a timm backbone (its BatchNorm statistics too) and attach feature-space adapters by hooks, every hook's
+handle kept (where adapters go: :mod:`mslora.core.placement`).
 
 Feature-space adapters live outside the modules they act on, in one ``nn.ModuleDict`` at the model's root
 (``model.adapters``, keyed by the site's name with dots as underscores), and run by a forward hook on the site
@@ -14,7 +15,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-STORE = "adapters"  # the root ModuleDict holding feature-space adapters
+ADAPTERS = "adapters"  # the root ModuleDict holding feature-space adapters
 
 def head_module(model: nn.Module) -> list[str]:
     """Qualified names of the classifier head modules (timm ``get_classifier()``); empty if none."""
@@ -27,7 +28,7 @@ def head_module(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if id(m) in ids and n]
 
 
-def under(name: str, prefixes: tuple[str, ...]) -> bool:
+def is_inside(name: str, prefixes: tuple[str, ...]) -> bool:
     """Whether the qualified name ``name`` lies inside one of the modules named in ``prefixes``."""
     return any(name.startswith(p + ".") for p in prefixes)
 
@@ -54,24 +55,27 @@ def collect_handles():
         _HANDLES.reset(token)
 
 
-def _keep_eval(module: nn.Module, _args) -> None:
-    # Frozen BatchNorm: normalise with the pretrained running statistics even in train mode (Sec. 4.1).
+def keep_eval(module: nn.Module, _args) -> None:
+    """Forward pre-hook of a frozen BatchNorm layer: normalise with the pretrained running statistics even in train
+    mode (MSLoRA Sec. 4.1), so ``model.train()`` never updates them."""
     module.training = False
 
 
-def freeze_backbone(model: nn.Module, trainable_prefixes: list[str]) -> None:
-    """Freeze every parameter except those under ``trainable_prefixes`` and freeze BatchNorm statistics.
+def freeze_batchnorm(model: nn.Module, skip: tuple[str, ...] = ()) -> list:
+    """Freeze the running statistics of every BatchNorm layer of ``model`` outside the modules named in ``skip``
+    (:func:`keep_eval` as a forward pre-hook); other train-mode behaviour (DropPath, dropout) stays. Returns the
+    hooks' handles, each also handed to :func:`keep_handle`."""
+    return [keep_handle(m.register_forward_pre_hook(keep_eval)) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name in skip or is_inside(name, skip))]
 
-    BatchNorm layers outside the trainable prefixes get a forward pre-hook that puts them in eval mode,
-    so ``model.train()`` leaves their running statistics unchanged and they normalise with them; other
-    train-mode behaviour (DropPath, dropout) stays active, as MSLoRA Sec. 4.1 prescribes.
-    """
+
+def freeze_backbone(model: nn.Module, trainable_prefixes: list[str]) -> None:
+    """Freeze every parameter except those under ``trainable_prefixes`` and the BatchNorm statistics outside them
+    (:func:`freeze_batchnorm`), as MSLoRA Sec. 4.1 prescribes."""
     prefixes = tuple(trainable_prefixes)
     for name, p in model.named_parameters():
-        p.requires_grad_(under(name, prefixes))
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name in prefixes or under(name, prefixes)):
-            keep_handle(m.register_forward_pre_hook(_keep_eval))
+        p.requires_grad_(is_inside(name, prefixes))
+    freeze_batchnorm(model, prefixes)
 
 
 class AdapterHook:
@@ -92,23 +96,23 @@ class AdapterHook:
         return self.adapter(output)
 
 
-def store_key(site: str) -> str:
+def adapter_key(site: str) -> str:
     """Key of a site's adapter in ``model.adapters``: the module name with dots as underscores."""
     return site.replace(".", "_")
 
 
-def store(model: nn.Module, site: str, adapter: nn.Module) -> nn.Module:
-    """Put ``adapter`` in ``model.adapters`` under :func:`store_key` (``site``), on the device and dtype of the
+def add_adapter(model: nn.Module, site: str, adapter: nn.Module) -> nn.Module:
+    """Put ``adapter`` in ``model.adapters`` under :func:`adapter_key` (``site``), on the device and dtype of the
     model's parameters and in the model's train/eval mode; returns it.
 
     Raises:
         ValueError: another adapter already has that key.
     """
-    holder = getattr(model, STORE, None)
+    holder = getattr(model, ADAPTERS, None)
     if holder is None:
         holder = nn.ModuleDict().train(model.training)
-        model.add_module(STORE, holder)
-    key = store_key(site)
+        model.add_module(ADAPTERS, holder)
+    key = adapter_key(site)
     if key in holder:
         raise ValueError(f"two adapter sites share the key '{key}' (module '{site}')")
     p = next(model.parameters())
@@ -118,7 +122,7 @@ def store(model: nn.Module, site: str, adapter: nn.Module) -> nn.Module:
 
 def attach(model: nn.Module, site: str, adapter: nn.Module, mode: str = "output", key: str | None = None
            ) -> nn.Module:
-    """:func:`store` ``adapter`` (under ``key``, default ``site``) and run it by a hook on module ``site``: on its
+    """:func:`add_adapter` ``adapter`` (under ``key``, default ``site``) and run it by a hook on module ``site``: on its
     output (``mode='output'``), beside it, adding ``adapter(input)`` to its output (``'parallel'``), or on its
     input (``'input'``). Returns the adapter.
 
@@ -128,7 +132,7 @@ def attach(model: nn.Module, site: str, adapter: nn.Module, mode: str = "output"
     if mode not in ("output", "parallel", "input"):
         raise ValueError(f"mode='{mode}' is not one of output, parallel, input")
     module = model.get_submodule(site)
-    store(model, key or site, adapter)
+    add_adapter(model, key or site, adapter)
     hook = AdapterHook(adapter, mode)
     keep_handle(module.register_forward_pre_hook(hook) if mode == "input" else module.register_forward_hook(hook))
     return adapter
@@ -157,14 +161,14 @@ class AddBranch:
 
 
 def attach_branch(model: nn.Module, key: str, adapter: nn.Module, keep_at: str, add_at: str) -> nn.Module:
-    """:func:`store` ``adapter`` under ``key`` and add ``adapter.branch(x, out)`` to the output ``out`` of module
+    """:func:`add_adapter` ``adapter`` under ``key`` and add ``adapter.branch(x, out)`` to the output ``out`` of module
     ``add_at``, where ``x`` is the input of module ``keep_at`` earlier in the same forward (AdaptFormer's parallel
     branch, Mona's module between a block's two residual sub-blocks). Returns the adapter.
 
     Raises:
         ValueError: another adapter already has that key.
     """
-    store(model, key, adapter)
+    add_adapter(model, key, adapter)
     adapter.kept = None
     keep_handle(model.get_submodule(keep_at).register_forward_pre_hook(KeepInput(adapter)))
     keep_handle(model.get_submodule(add_at).register_forward_hook(AddBranch(adapter)))

@@ -13,7 +13,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-METRIC = {"classify": "top1", "detect": "bbox_AP", "segment": "mIoU"}  # each task's best_metric (mslora.tasks)
+from mslora.registry import get_task
+
+
+def metric(task: str) -> str:
+    """The metric a task picks its best epoch by (its ``best_metric``), the one reported for its runs."""
+    return get_task(task).best_metric
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -42,7 +47,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     out = ["| run | task | dataset | method | backbone | seed | trainable params | val | test | best epoch | "
            "collapsed | seconds |", "| --- " * 12 + "|"]
     for r in runs:
-        m = METRIC.get(r["task"], "top1")
+        m = metric(r["task"])
         out.append(f"| {r['run']} | {r['task']} | {r.get('dataset')} | {r['method']} | {r['backbone']} | {r['seed']} | "
                    f"{r['trainable_params']:,} | {_pct(r.get(f'val_{m}'))} | {_pct(r.get(f'test_{m}'))} | "
                    f"{r.get('best_epoch')} | {r.get('collapse_reason') or 'no'} | {r.get('seconds')} |")
@@ -52,7 +57,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     for r in runs:
         groups.setdefault((r["task"], r.get("dataset"), r["method"]), []).append(r)
     for (task, dataset, method), rs in groups.items():
-        m = METRIC.get(task, "top1")
+        m = metric(task)
         ok = [100 * r[f"test_{m}"] for r in rs if not r.get("collapsed") and r.get(f"test_{m}") is not None]
         spread = f" ± {statistics.stdev(ok):.2f}" if len(ok) > 1 else ""
         summary = f"{statistics.mean(ok):.2f}{spread}" if ok else "-"
@@ -73,7 +78,7 @@ def plots(runs: list[dict[str, Any]], output: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    m = METRIC.get(runs[0]["task"], "top1")
+    m = metric(runs[0]["task"])
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         epochs = [h["epoch"] for h in r["history"]]

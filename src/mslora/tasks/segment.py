@@ -1,4 +1,5 @@
-"""Semantic segmentation on an (adapted) timm backbone: UPerNet with an auxiliary FCN head, and mIoU.
+"""The ``segment`` task (semantic segmentation) on an (adapted) timm backbone: UPerNet with an auxiliary FCN head,
+and mIoU, mean accuracy and pixel accuracy.
 
 UPerNet (Xiao et al., "Unified Perceptual Parsing for Scene Understanding", ECCV 2018, Sec. 3 and Fig. 4), as
 mmsegmentation's ``UPerHead`` builds it: a pyramid pooling module (scales 1, 2, 3, 6) on the last map, an FPN
@@ -10,11 +11,19 @@ taken from segmentation_models_pytorch, whose UPerNet decoder expects that libra
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_model_data_config
 from torch import nn
+from tqdm import tqdm
 
-from mslora.features import Features
+from mslora.backbones import Features
+from mslora.data.dense import DenseData, load_dense, segmentation_collate
+from mslora.data.transforms import segmentation_transform
+from mslora.registry import register_task
+from mslora.tasks.base import DenseTask
 
 
 def _cbr(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -60,7 +69,7 @@ class FCNHead(nn.Module):
 
 
 class UPerNet(nn.Module):
-    """UPerNet over :class:`~mslora.features.Features` of a timm model, with an auxiliary FCN head on the third map.
+    """UPerNet over :class:`~mslora.backbones.Features` of a timm model, with an auxiliary FCN head on the third map.
 
     ``forward(images)`` returns logits (B, num_classes, H, W) at the image size; in train mode with ``targets``
     (B, H, W) class indices (``ignore_index`` ignored) it returns the loss dict ``{"loss_seg", "loss_aux"}``
@@ -114,3 +123,58 @@ def segmentation_metrics(cm: torch.Tensor) -> dict[str, float]:
     return {"mIoU": iou.mean().item() if present.any() else float("nan"),
             "mAcc": acc.mean().item() if (gt > 0).any() else float("nan"),
             "aAcc": (tp.sum() / cm.sum()).item() if cm.sum() > 0 else float("nan")}
+
+
+@register_task("segment")
+class Segmentation(DenseTask):
+    """Semantic segmentation with UPerNet (+ auxiliary FCN head, weight 0.4) over the adapted ``cfg.backbone``;
+    training crops of ``cfg.img_size`` pixels, evaluation at a shorter side of ``cfg.img_size`` with the logits
+    resized to each label map's own size. Best epoch by validation mIoU.
+
+    Raises (on construction):
+        ValueError / FileNotFoundError: bad method option, backbone or data (nothing written yet).
+    """
+
+    best_metric = "mIoU"
+    collate_fn = staticmethod(segmentation_collate)
+
+    def load_data(self, data: str) -> DenseData:
+        """The segmentation data at ``data`` (:func:`mslora.data.dense.load_dense`)."""
+        return load_dense(data, "segment", self.cfg.split_seed)
+
+    def wrap(self, backbone: nn.Module) -> nn.Module:
+        """UPerNet around the adapted backbone."""
+        return UPerNet(backbone, self.num_classes, channels=self.cfg.head_channels)
+
+    def set_transforms(self, model: nn.Module) -> None:
+        """mmseg's training pipeline (random scale 0.5-2, crop, flip) and a resize for evaluation, with the
+        backbone's normalisation."""
+        inner = model.backbone.model if hasattr(model, "backbone") else model
+        dc = resolve_model_data_config(inner)
+        self.data.with_transforms(segmentation_transform(True, self.cfg.img_size, dc["mean"], dc["std"]),
+                                  segmentation_transform(False, self.cfg.img_size, dc["mean"], dc["std"]))
+
+    def losses(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """UPerNet's loss dict (``loss_seg``, ``loss_aux``) on a batch (images, labels, _)."""
+        x, y, _ = batch
+        return model(x, y), len(x)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, gather: Callable[[Any], Any], desc: str = "eval") -> dict[str, float]:
+        """mIoU, mean accuracy and pixel accuracy (fractions) over the split's original label maps."""
+        model.eval()
+        k = self.num_classes
+        total, n = torch.zeros(k, k, dtype=torch.long), 0
+        for x, y, sizes in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
+            logits = model(x).float()
+            cms = []
+            for i in range(len(x)):
+                lg = logits[i:i + 1] if sizes is None else logits[i:i + 1, :, :sizes[i][0], :sizes[i][1]]
+                label = y[i]
+                if lg.shape[-2:] != label.shape[-2:]:
+                    lg = F.interpolate(lg, label.shape[-2:], mode="bilinear", align_corners=False)
+                cms.append(confusion_matrix(lg.argmax(1)[0].cpu(), label.cpu(), k))
+            cms = gather(torch.stack(cms).to(logits.device))
+            total += cms.sum(0).cpu()
+            n += len(cms)
+        return {**segmentation_metrics(total), "images": n}

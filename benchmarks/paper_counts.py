@@ -1,4 +1,4 @@
-"""Our parameter counts next to the source papers' tables (``mslora params --paper``).
+"""Our parameter counts next to the source papers' tables: ``python benchmarks/paper_counts.py [--json]``.
 
 Each row rebuilds a paper's configuration from timm architectures on the meta device (no weights, no
 memory), adapts it and counts. Percentages follow MSLoRA's convention: adapter parameters over the whole
@@ -8,6 +8,8 @@ says so and the value is derived from the neighbouring formula.
 """
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 
 import mslora
 from mslora.backbones import meta_model
+from mslora.core.placement import blocks
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ ROWS: list[Row] = [
 ]
 
 
-def _count(row: Row) -> tuple[int, int]:
+def count(row: Row) -> tuple[int, int]:
     """(trainable parameters outside the head, plus the head where the paper counts it; the unadapted model's
     parameters with a 1000-class head)."""
     base = sum(p.numel() for p in meta_model(row.backbone).parameters())
@@ -115,8 +118,6 @@ def formula(row: Row) -> float | None:
     """RLRR supp. Table 4 formulas evaluated on the backbone (parameters, not millions), or None."""
     if row.source != "RLRR supp. Table 4":
         return None
-    from mslora.core.placement import blocks
-
     model = meta_model(row.backbone)
     names = blocks(model)
     linears = [m for n, m in model.named_modules() if n.startswith(tuple(b + "." for b in names)) and isinstance(m, torch.nn.Linear)]
@@ -139,7 +140,7 @@ def paper_table() -> list[dict[str, Any]]:
     paper_pct, formula, note."""
     out = []
     for row in ROWS:
-        ours, base = _count(row)
+        ours, base = count(row)
         out.append({"source": row.source, "backbone": row.backbone, "method": row.method, "options": row.options,
                     "part": row.part, "ours": ours, "ours_pct": round(100 * ours / base, 2), "paper_m": row.paper_m,
                     "paper_pct": row.paper_pct, "formula": formula(row), "note": row.note})
@@ -158,3 +159,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['source']} | {r['backbone']} | {what} | {r['ours'] / 1e6:.3f}M | {r['ours_pct']}% | "
                      f"{paper} | {pct} | {r['note']} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Our parameter counts next to every row of the source papers' "
+                                     "parameter tables that timm can rebuild (meta device: no weights, no memory).")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    rows = paper_table()
+    print(json.dumps(rows) if parser.parse_args().json else format_table(rows))

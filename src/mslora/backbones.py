@@ -1,4 +1,6 @@
-"""Create timm backbones with pretrained weights from the hub, a local file, or an offline package.
+"""timm backbones: creation with pretrained weights from the hub, a local file or an offline package, at a fixed or
+any input size (:func:`build_backbone`, the one builder every task and tool uses), and their multi-scale feature
+maps for dense heads (:class:`Features`).
 
 Weight sources, in the order :func:`create_backbone` tries them:
 1. ``weights=PATH``: a local timm-format checkpoint, read by ``timm.models.load_state_dict`` and loaded
@@ -13,12 +15,17 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
 import timm
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
+
+from mslora.core.hooks import head_module
+from mslora.core.layout import IMAGE_SIZE
 
 
 def _lite0_file() -> Path:
@@ -39,7 +46,7 @@ def _load_in_order(model: nn.Module, source: dict[str, torch.Tensor], origin: st
     if len(src) != len(dst):
         raise ValueError(f"weights from {origin} have {len(src)} tensors, {type(model).__name__} has {len(dst)}")
     state, own = {}, model.state_dict()
-    head = {f"{n}.{t}" for n in _classifier_names(model) for t in ("weight", "bias")}
+    head = {f"{n}.{t}" for n in head_module(model) for t in ("weight", "bias")}
     for (sk, sv), dk in zip(src, dst):
         if sv.shape != own[dk].shape:
             if dk in head:
@@ -65,7 +72,7 @@ def _load_file(model: nn.Module, path: Path) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"cannot read weights file '{path}': {type(e).__name__}: {first}") from None
     own = model.state_dict()
-    head = {f"{n}.{t}" for n in _classifier_names(model) for t in ("weight", "bias")}
+    head = {f"{n}.{t}" for n in head_module(model) for t in ("weight", "bias")}
     bad = [k for k in state if k in own and state[k].shape != own[k].shape and k not in head]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -75,12 +82,6 @@ def _load_file(model: nn.Module, path: Path) -> None:
                   else f"{len(unexpected)} unexpected keys (e.g. '{unexpected[0]}')")
         raise ValueError(f"weights file '{path}' does not fit backbone '{type(model).__name__}': {detail}")
     model.load_state_dict({k: v for k, v in state.items() if v.shape == own[k].shape}, strict=False)
-
-
-def _classifier_names(model: nn.Module) -> list[str]:
-    from mslora.core.inject import head_module
-
-    return head_module(model)
 
 
 def _lite0(model: nn.Module) -> None:
@@ -158,3 +159,110 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = True, weight
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     OFFLINE_WEIGHTS[name][1](model)
     return model
+
+
+def build_backbone(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None, *,
+                   img_size: int, drop_path_rate: float = 0.0, dynamic: bool = False) -> nn.Module:
+    """The timm backbone ``name`` with its weights (:func:`create_backbone`) for images of ``img_size`` pixels.
+
+    Models with a fixed patch grid (ViT, Swin) are built for ``img_size`` (timm resamples position embeddings of
+    pretrained weights); CNNs take any size as they are. ``dynamic=True`` (dense tasks) also lets them take images
+    of any size: timm's ``dynamic_img_size=True`` (ViT family) or ``strict_img_size=False`` (Swin), whichever the
+    model accepts; the model is then built with its 1000-class head (so that weights load whole) and its
+    classifier reset to ``num_classes`` (0: none).
+
+    Raises:
+        ValueError: unknown backbone, weights that do not fit, or hub weights requested while offline.
+        FileNotFoundError: ``weights`` does not exist.
+    """
+    check_backbone_name(name)
+    pcfg = timm.models.get_pretrained_cfg(name)
+    fixed = pcfg is not None and pcfg.fixed_input_size
+    if not dynamic:
+        size = {"img_size": img_size} if fixed and pcfg.input_size[-1] != img_size else {}
+        return create_backbone(name, num_classes, pretrained, weights, drop_path_rate=drop_path_rate, **size)
+    base = {"drop_path_rate": drop_path_rate, **({"img_size": img_size} if fixed else {})}
+    tries = [{"dynamic_img_size": True}, {"strict_img_size": False}, {}] if fixed else [{}]
+    for extra in tries:
+        try:
+            model = create_backbone(name, 1000, pretrained, weights, **base, **extra)
+            break
+        except TypeError as e:  # the model does not take this keyword: try the next way
+            if extra is tries[-1] or "unexpected keyword" not in str(e):
+                raise
+    model.reset_classifier(num_classes)
+    return model
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid: from one stride-s map (B, C, H, W), maps at strides s/4, s/2, s, 2s by
+    deconvolutions (2x2, stride 2; LayerNorm + GELU between two of them) and a 2x2 max-pool, each followed by a
+    1x1 and a 3x3 convolution to ``out_channels`` with LayerNorms (ViTDet Sec. 3, Fig. 2c; its code's
+    ``SimpleFeaturePyramid``). Output: four maps (B, out_channels, 4H, 4W) ... (B, out_channels, H/2, W/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int = 256) -> None:
+        super().__init__()
+        c = in_channels
+        self.scales = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(c, c // 2, 2, 2), LayerNorm2d(c // 2), nn.GELU(),
+                          nn.ConvTranspose2d(c // 2, c // 4, 2, 2)),
+            nn.ConvTranspose2d(c, c // 2, 2, 2),
+            nn.Identity(),
+            nn.MaxPool2d(2),
+        ])
+        widths = (c // 4, c // 2, c, c)
+        self.outputs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(w, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                          nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels))
+            for w in widths)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [out(scale(x)) for scale, out in zip(self.scales, self.outputs)]
+
+
+class Features(nn.Module):
+    """Feature maps of a timm model for dense heads, as an ``OrderedDict`` name -> (B, C_i, H_i, W_i) (NCHW).
+
+    Args:
+        model: a timm model (adapted or not), kept whole so that its adapters and record stay in place.
+        out_indices: ``feature_info`` positions to return; default: every entry at stride 4 or more, or, for a
+            single-stride model (plain ViT), the last one through a :class:`SimpleFeaturePyramid`.
+        pyramid_channels: output width of the simple feature pyramid.
+
+    Attributes:
+        channels: channel count of each returned map; ``strides``: their strides in input pixels.
+
+    Raises:
+        ValueError: the model has no ``forward_intermediates`` or ``feature_info`` (not a timm model with the
+            feature API), or an out index outside ``feature_info``.
+    """
+
+    def __init__(self, model: nn.Module, out_indices: list[int] | None = None, pyramid_channels: int = 256) -> None:
+        super().__init__()
+        info = getattr(model, "feature_info", None)
+        if not hasattr(model, "forward_intermediates") or not info:
+            raise ValueError(f"{type(model).__name__} has no forward_intermediates / feature_info: not a timm model "
+                             "with timm's feature API, so its feature maps cannot be taken")
+        reductions = [f["reduction"] for f in info]
+        single = len(set(reductions)) == 1 and len(reductions) > 1
+        if out_indices is None:
+            out_indices = [len(info) - 1] if single else [i for i, r in enumerate(reductions) if r >= 4]
+        bad = [i for i in out_indices if not -len(info) <= i < len(info)]
+        if bad:
+            raise ValueError(f"out_indices {bad} are outside the model's {len(info)} feature_info entries")
+        self.model, self.out_indices = model, [i % len(info) for i in out_indices]
+        self.pyramid = SimpleFeaturePyramid(info[self.out_indices[-1]]["num_chs"], pyramid_channels) \
+            if single and len(self.out_indices) == 1 else None
+        if self.pyramid is not None:
+            s = reductions[-1]
+            self.channels, self.strides = [pyramid_channels] * 4, [s // 4, s // 2, s, s * 2]
+        else:
+            self.channels = [info[i]["num_chs"] for i in self.out_indices]
+            self.strides = [reductions[i] for i in self.out_indices]
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        IMAGE_SIZE.set(tuple(x.shape[-2:]))  # token grids of non-square images (forward hooks are not called)
+        maps = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
+        if self.pyramid is not None:
+            maps = self.pyramid(maps[-1])
+        return OrderedDict((str(i), m) for i, m in enumerate(maps))
