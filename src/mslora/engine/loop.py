@@ -263,7 +263,7 @@ class Loop:
     """What one run's epochs share: the prepared model, optimiser, scheduler and loaders, the run's files, and the
     ``state`` a checkpoint holds (epoch, batch and step reached, running loss, history, best epoch so far).
 
-    Built by :meth:`prepare` in the order the run's random draws depend on (loaders, DDP probe, optimiser,
+    Built in the order the run's random draws depend on (loaders, DDP probe, optimiser,
     ``accelerator.prepare``), so that a resumed run draws as the uninterrupted one did.
     """
 
