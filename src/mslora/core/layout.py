@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 # (H, W) of the image the model is running on, set by a forward pre-hook on the adapted model (and by
-# mslora.features for timm's forward_intermediates): token grids of non-square images are read from it.
+# mslora.backbones.Features for timm's forward_intermediates): token grids of non-square images are read from it.
 IMAGE_SIZE: ContextVar[tuple[int, int] | None] = ContextVar("mslora_image_size", default=None)
 
 

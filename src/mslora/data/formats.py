@@ -11,7 +11,7 @@
   ``Food101`` read (``oxford-iiit-pet/``, ``flowers-102/``, ``food-101/`` under the given folder), read by them.
 
 Each loader returns pools: ``{"train": ..., "val": ... or None, "test": ...}`` of (image, label) datasets and the
-class names; :func:`mslora.data.load_classification` splits them.
+class names; :func:`mslora.data.classify.load_classification` splits them.
 """
 from __future__ import annotations
 

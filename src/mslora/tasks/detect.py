@@ -225,7 +225,7 @@ def build_detector(model: nn.Module, detector: str, num_classes: int, min_size: 
 
 @register_task("detect")
 class Detection(DenseTask):
-    """Object detection and instance segmentation with ``cfg.detector`` (:data:`mslora.detection.DETECTORS`) over
+    """Object detection and instance segmentation with ``cfg.detector`` (:data:`DETECTORS`) over
     the adapted ``cfg.backbone``; images resized by the detector to a shorter side of ``cfg.img_size`` (longer side
     at most 1333/800 of it, torchvision's ratio). Best epoch by validation box AP.
 
