@@ -137,8 +137,8 @@ def test_unrecognised_layout_names_what_it_looked_for(tmp_path):
 
 
 def _cfg(task, data, tmp_path, **kw):
-    kw = {"img_size": 96, **kw}
-    return TrainConfig(task=task, data=str(data), backbone="test_resnet", pretrained=False, epochs=2, batch_size=2,
+    kw = {"img_size": 96, "epochs": 2, **kw}
+    return TrainConfig(task=task, data=str(data), backbone="test_resnet", pretrained=False, batch_size=2,
                        output=str(tmp_path), head_channels=16, **kw)
 
 
@@ -342,3 +342,37 @@ def test_coco_semantic_png_layout_is_read_before_painting_instances(tmp_path):
         png.unlink()
     _, y = load_dense(str(root), "segment").test.base[0]
     assert (y[12:18, 12:28] == 1).all() and (y[30:40] == 0).all()  # no PNGs: the instances painted by class
+
+
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_predict_files_score_what_the_evaluator_scored(task, scenes, tmp_path):
+    """mslora predict on the test images: COCO AP from the written results JSON (detect) and mIoU from the written
+    label maps (segment) equal what evaluation reports for the same run."""
+    from pycocotools.coco import COCO
+
+    from mslora.data.coco import coco_evaluate
+    from mslora.tasks.segment import confusion_matrix, segmentation_metrics
+    from mslora.tools.predict import predict_files
+
+    cfg = _cfg(task, scenes, tmp_path, method="mslora", method_options={"rank": 8, "groups": 1}, epochs=1)
+    metrics, run = train(cfg)
+    gt = COCO(str(scenes / "annotations" / "instances_test2017.json"))
+    files = [str(scenes / "test2017" / img["file_name"]) for img in gt.dataset["images"]]
+    out, _, skipped = predict_files(str(run), files, str(tmp_path / "pred"), batch_size=3, score_threshold=0.0,
+                                    device="cpu")
+    assert not skipped
+    if task == "detect":
+        ids = json.loads((out / "image_ids.json").read_text())
+        by_file = {str(scenes / "test2017" / img["file_name"]): img["id"] for img in gt.dataset["images"]}
+        ours = {k: by_file[path] for path, k in ids.items()}
+        dets = [dict(d, image_id=ours[d["image_id"]]) for d in json.loads((out / "results.json").read_text())]
+        for kind in ("bbox", "segm"):
+            assert coco_evaluate(gt, dets, kind)["AP"] == pytest.approx(metrics[f"test_{kind}_AP"], abs=1e-9)
+        assert len(list(out.glob("*.png"))) == len(files)
+    else:
+        t = get_task("segment")(cfg)
+        total = torch.zeros(t.num_classes, t.num_classes, dtype=torch.long)
+        for k, (_, label) in enumerate(t.data.test.base[i] for i in range(len(files))):
+            pred = torch.from_numpy(np.asarray(Image.open(next(out.glob(f"{k + 1:05d}_*_labels.png")))).astype(np.int64))
+            total += confusion_matrix(pred, label, t.num_classes)
+        assert segmentation_metrics(total)["mIoU"] == pytest.approx(metrics["test_mIoU"], abs=1e-9)

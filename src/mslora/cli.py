@@ -1,4 +1,4 @@
-"""Command line: ``mslora train | eval | params | merge | bench | report | visualize | sweep``.
+"""Command line: ``mslora train | eval | predict | params | merge | bench | report | visualize | sweep``.
 
 Options come from the config dataclasses (:class:`mslora.engine.config.TrainConfig` and the chosen method's
 config), their help from each field's metadata (:func:`mslora.methods.options.option`). Precedence: defaults <
@@ -57,6 +57,34 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or mps")
     a = p.parse_args(argv)
     print(json.dumps(evaluate_adapter(a.adapter, a.data, a.batch_size, a.workers, a.device), indent=2))
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    """``mslora predict``: a trained run's predictions for image files, written as files (:mod:`mslora.tools.predict`);
+    returns 0 (unreadable files are listed on stderr and skipped)."""
+    from mslora.tools.predict import predict_files
+
+    p = argparse.ArgumentParser(prog="mslora predict", description="Predict images with a trained run: classify "
+                                "writes predictions.csv / .jsonl, detect COCO results JSON and drawn PNGs, segment "
+                                "label-map and overlay PNGs.")
+    p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file of a training run")
+    p.add_argument("--input", required=True, nargs="+", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--output", default="predictions", help="folder for the files (default: predictions)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--top-k", type=int, default=5, help="classify: labels and probabilities kept per image "
+                   "(default: 5)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="detect: boxes scored below this are not "
+                   "written (default: 0.5)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when present, else CPU)")
+    a = p.parse_args(argv)
+    out, table, skipped = predict_files(a.adapter, a.input, a.output, a.batch_size, a.top_k, a.score_threshold,
+                                        a.device)
+    for line in skipped:
+        print(f"mslora: skipped: {line}", file=sys.stderr)
+    for line in table:
+        print(line)
+    print(f"predictions: {out}")
     return 0
 
 
@@ -204,12 +232,13 @@ def cmd_sweep(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params, "merge": cmd_merge, "bench": cmd_bench,
-            "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "params": cmd_params, "merge": cmd_merge,
+            "bench": cmd_bench, "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep}
 USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
   train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
   eval     evaluate a trained adapter on its test split
+  predict  a trained run's predictions for image files (CSV / JSON / PNG)
   params   parameter counts of an adapted backbone
   merge    fold a trained adapter into its backbone and write a plain timm checkpoint
   bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)

@@ -9,6 +9,7 @@ original one; :func:`load_adapter` adapts a model from an adapter file.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from torch.nn.utils import parametrize
 
 from mslora.core.hooks import collect_handles, freeze_backbone, freeze_batchnorm, head_module, is_inside, keep_handle
 from mslora.core.layout import record_image_size
-from mslora.core.state import Adaptation, adaptation, architecture, load_adapter_state, read_adapter
+from mslora.core.state import (Adaptation, adaptation, architecture, backbone_digest, load_adapter_state,
+                               read_adapter)
 from mslora.registry import get_method
 
 
@@ -179,7 +181,8 @@ def lift_adaptation(outer: nn.Module, inner: nn.Module) -> nn.Module:
     head = tuple(n for n, m in outer.named_modules() if n and not (n == prefix or n.startswith(prefix + ".")
                                                                   or prefix.startswith(n + "."))
                  and list(m.parameters(recurse=False)))
-    outer.mslora_adaptation = Adaptation(rec.method, rec.config, frozenset(f"{prefix}.{n}" for n in rec.added), head)
+    outer.mslora_adaptation = Adaptation(rec.method, rec.config, frozenset(f"{prefix}.{n}" for n in rec.added), head,
+                                         originals={f"{prefix}.{n}": v for n, v in rec.originals.items()})
     return outer
 
 
@@ -199,17 +202,36 @@ def save_backbone(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+def check_backbone(model: nn.Module, meta: dict[str, Any], path: str | Path, strict_backbone: bool = True) -> None:
+    """Compare the fingerprint of ``model``'s frozen weights (:func:`mslora.core.state.backbone_digest`) with the one
+    the adapter file at ``path`` records; files without one (older ones, full fine-tuning) are not checked.
+
+    Raises:
+        ValueError: the weights differ and ``strict_backbone`` (with False: a warning, and the load goes on).
+    """
+    trained = meta.get("backbone_sha256")
+    here = backbone_digest(model) if trained else None
+    if here is None or here == trained:
+        return
+    msg = (f"adapter file '{path}' was trained on other backbone weights ({meta.get('weights', 'source not recorded')}"
+           f", sha256 {trained[:12]}) than this model's (sha256 {here[:12]}): another checkpoint, or a random init?")
+    if strict_backbone:
+        raise ValueError(msg + " Pass strict_backbone=False to load anyway.")
+    warnings.warn(msg + " Loading anyway (strict_backbone=False).", stacklevel=3)
+
+
+def load_adapter(model: nn.Module, path: str | Path, strict_backbone: bool = True) -> nn.Module:
     """Adapt a fresh backbone as recorded in the adapter file at ``path`` and load its tensors.
 
-    ``model`` must be the backbone the adapter was trained on (same architecture, same pretrained weights,
-    same number of classes). Returns the model.
+    ``model`` must be the backbone the adapter was trained on: the same architecture, the same frozen weights (the
+    file records their fingerprint; ``strict_backbone=False`` loads onto other weights with a warning) and the
+    same number of classes. Returns the model.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: not an adapter file (or one of another version, damaged or altered), trained on another timm
-            architecture (both named), a method or options this version does not have or lacks, or tensors that
-            do not fit the model.
+            architecture (both named) or on other weights (see :func:`check_backbone`), a method or options this
+            version does not have or lacks, or tensors that do not fit the model.
     """
     tensors, meta = read_adapter(path)
     trained_on, here = meta.get("backbone"), architecture(model)
@@ -223,6 +245,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if missing:
         raise ValueError(f"adapter file '{path}' lacks option(s) {', '.join(missing)} of method '{spec.name}' "
                          "(written by another version of mslora?)")
+    if adaptation(model) is None:
+        check_backbone(model, meta, path, strict_backbone)
     adapt(model, meta["method"], **meta["config"])
     load_adapter_state(model, tensors)
     return model

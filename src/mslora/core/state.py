@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mslora.core.hooks import ADAPTERS, adapter_key, head_module, is_inside
+from mslora.registry import get_method
 
 VERSION = importlib.metadata.version("mslora")  # pyproject.toml's, the one place it is written
+# Metadata keys the adapter file itself writes (save_adapter's ``metadata`` cannot set them).
+RESERVED = frozenset({"format", "method", "config", "sha256", "backbone", "backbone_sha256", "mslora_version"})
+_PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")
 FORMAT = "mslora.adapter/3"  # 2: a sha256 of the tensors; 3: feature-space adapters under ``adapters.<site>``
 OLD_FORMATS = ("mslora.adapter/1", "mslora.adapter/2")  # still read; names translated by legacy_names()
 # Methods whose versions 1-2 attached a module named after the method to its site (``<site>.<method>.<tensor>``).
@@ -107,19 +112,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write the adapter file: :func:`adapter_state_dict` as safetensors, with the method and its config as
-    JSON in the file's metadata, the backbone's timm architecture and the mslora version (plus ``metadata``, each
-    value JSON-encoded; the engine adds the training config and the weight source).
+    JSON in the file's metadata, the backbone's timm architecture, the fingerprint of its frozen weights
+    (:func:`backbone_digest`) and the mslora version (plus ``metadata``, each value JSON-encoded; the engine adds the
+    training config, the weight source, the class names and the preprocessing).
 
     Returns the path written.
 
     Raises:
-        ValueError: the model was not adapted, or ``metadata`` names a reserved key (format, method, config, sha256).
+        ValueError: the model was not adapted, or ``metadata`` names a reserved key (:data:`RESERVED`).
     """
     rec = adaptation(model)
     if rec is None:
         raise ValueError("model is not adapted: call mslora.adapt(model, METHOD) first (after mslora.merge the model "
                          "is a plain backbone: save it with mslora.save_backbone)")
-    reserved = sorted(set(metadata or {}) & {"format", "method", "config", "sha256", "backbone", "mslora_version"})
+    reserved = sorted(set(metadata or {}) & RESERVED)
     if reserved:
         raise ValueError(f"metadata key(s) {', '.join(reserved)} are reserved for the adapter file itself")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
@@ -127,11 +133,42 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
         raise ValueError("the adapted model has no trainable tensors to save")
     meta = {"format": FORMAT, "method": rec.method, "config": json.dumps(dataclasses.asdict(rec.config)),
             "sha256": tensor_digest(tensors), "backbone": json.dumps(architecture(model)),
-            "mslora_version": json.dumps(VERSION)}
+            "backbone_sha256": json.dumps(backbone_digest(model)), "mslora_version": json.dumps(VERSION)}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)
     return path
+
+
+def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen backbone's tensors as they were before adaptation, by their plain (unadapted) names: every
+    parameter and buffer outside the head and outside what the method added, with PEFT's ``.base_layer`` and
+    parametrize's ``.parametrizations.<tensor>.original`` taken out of the names, and the tensors a method trained in
+    place (bias-tune, norm-tune) or rewrote (PiSSA) at their values from before :func:`mslora.adapt`. An unadapted
+    model gives everything outside its head."""
+    rec = adaptation(model)
+    head = rec.head if rec else tuple(head_module(model))
+    added = rec.added if rec else frozenset()
+    originals = rec.originals if rec else {}
+    out = {}
+    for name, t in model.state_dict().items():
+        if name in added or is_inside(name, head):
+            continue
+        plain = _PARAMETRIZED.sub(r".\1", name.replace(".base_layer.", "."))
+        out[plain] = originals.get(plain, t)
+    return out
+
+
+def backbone_digest(model: nn.Module) -> str | None:
+    """SHA-256 of :func:`backbone_state` (names, dtypes, shapes, bytes): the fingerprint of the frozen weights an
+    adapter was trained on. None for a method that trains the backbone itself (``full``: no frozen weights) or a
+    model on the meta device."""
+    rec = adaptation(model)
+    if rec is not None and not get_method(rec.method).freeze_backbone:
+        return None
+    if any(t.device.type == "meta" for t in model.parameters()):
+        return None
+    return tensor_digest(backbone_state(model))
 
 
 def architecture(model: nn.Module) -> str | None:

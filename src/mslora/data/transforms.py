@@ -97,17 +97,17 @@ def detection_transform(train: bool) -> Callable:
     return tf
 
 
-def segmentation_transform(train: bool, size: int, mean, std, scale: tuple[float, float] = (0.5, 2.0)) -> Callable:
+def segmentation_transform(train: bool, img_size: int, mean, std, scale: tuple[float, float] = (0.5, 2.0)) -> Callable:
     """(image uint8 (3, H, W), labels (H, W)) -> (normalised float image, labels).
 
-    Training (mmseg's ADE20K pipeline, at ``size``): shorter side resized to ``size`` x U(scale), a random
-    ``size`` x ``size`` crop (padded with 0 / :data:`IGNORE`), a horizontal flip. Evaluation: the image's shorter
-    side resized to ``size``, the labels kept at full resolution (metrics are computed on the original pixels).
+    Training (mmseg's ADE20K pipeline, at ``img_size``): shorter side resized to ``img_size`` x U(scale), a random
+    ``img_size`` x ``img_size`` crop (padded with 0 / :data:`IGNORE`), a horizontal flip. Evaluation: the image's shorter
+    side resized to ``img_size``, the labels kept at full resolution (metrics are computed on the original pixels).
     """
     norm = v2.Normalize(list(mean), list(std))
     if train:
-        geo = v2.Compose([v2.RandomResize(int(size * scale[0]), int(size * scale[1]) + 1),
-                          v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Mask: IGNORE, "others": 0}),
+        geo = v2.Compose([v2.RandomResize(int(img_size * scale[0]), int(img_size * scale[1]) + 1),
+                          v2.RandomCrop(img_size, pad_if_needed=True, fill={tv_tensors.Mask: IGNORE, "others": 0}),
                           v2.RandomHorizontalFlip(0.5)])
 
         def tf(image, labels):
@@ -115,7 +115,7 @@ def segmentation_transform(train: bool, size: int, mean, std, scale: tuple[float
             image = v2.functional.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True)
             return norm(image), labels.as_subclass(torch.Tensor).long()
         return tf
-    resize = v2.Resize(size, antialias=True)
+    resize = v2.Resize(img_size, antialias=True)
 
     def tf_eval(image, labels):
         return norm(v2.functional.to_dtype(resize(image), torch.float32, scale=True)), labels

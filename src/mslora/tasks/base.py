@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mslora.backbones import build_backbone, check_backbone_name
-from mslora.core.adapt import adapt, keep_batchnorm_frozen, lift_adaptation
+from mslora.core.adapt import adapt, check_backbone, keep_batchnorm_frozen, lift_adaptation
 from mslora.core.state import load_adapter_state, read_adapter
 from mslora.registry import get_method
 
@@ -44,6 +44,7 @@ class Task:
     best_metric: str = ""
     collate_fn: Callable | None = None
     keep_last: bool = False
+    preprocessing: dict[str, Any] | None = None  # set by set_transforms; recorded in the adapter file
 
     def __init__(self, cfg, data: str | None = None, classes: list[str] | None = None) -> None:
         get_method(cfg.method).make_config(**cfg.method_options)  # fail on bad options before loading anything
@@ -70,7 +71,19 @@ class Task:
         raise NotImplementedError
 
     def set_transforms(self, model: nn.Module) -> None:
-        """Give the datasets the transforms the model expects (e.g. its normalisation)."""
+        """Give the datasets the transforms the model expects (e.g. its normalisation) and record them in
+        :attr:`preprocessing` (input size, mean, std, ...: what :meth:`input_transform` rebuilds them from)."""
+
+    def input_transform(self, preprocessing: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The evaluation transform of one image, uint8 (3, H, W) -> the model's input, from the
+        :attr:`preprocessing` an adapter file records."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, images: list[torch.Tensor], sizes: list[tuple[int, int]]
+                ) -> list[dict[str, Any]]:
+        """Predictions for images already through :meth:`input_transform` (``sizes``: each original (H, W)), one
+        dict per image in the original image's pixel coordinates (the keys are the task's)."""
+        raise NotImplementedError
 
     def losses(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
         """Loss terms of one batch (the engine sums them) and the number of images in it."""
@@ -88,7 +101,8 @@ class Task:
     def metadata(self) -> dict[str, Any]:
         """Task facts the adapter file keeps so that a run's model can be rebuilt from it (class names ...)."""
         return {"num_classes": self.num_classes, "classes": self.classes,
-                **({"dataset": self.data.name} if self.data is not None else {})}
+                **({"dataset": self.data.name} if self.data is not None else {}),
+                **({"preprocessing": self.preprocessing} if self.preprocessing is not None else {})}
 
 
 class DenseTask(Task):
@@ -116,6 +130,7 @@ class DenseTask(Task):
         keep_batchnorm_frozen(model)
         outer = lift_adaptation(self.wrap(model), model)
         if adapter is not None:
+            check_backbone(outer, meta, adapter)
             load_adapter_state(outer, tensors)
         return outer
 

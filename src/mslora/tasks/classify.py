@@ -17,6 +17,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from mslora.backbones import build_backbone
@@ -70,12 +71,26 @@ class Classification(Task):
         return adapt(model, cfg.method, **cfg.method_options)
 
     def set_transforms(self, model: nn.Module) -> None:
-        """Training and evaluation transforms at ``cfg.img_size`` with the model's normalisation."""
+        """Training and evaluation transforms at ``cfg.img_size`` with the model's normalisation (timm
+        ``resolve_model_data_config``), recorded in :attr:`preprocessing`."""
         dc = resolve_model_data_config(model)
-        kw = dict(mean=dc["mean"], std=dc["std"], crop_pct=dc.get("crop_pct", 0.875),
-                  interpolation=dc.get("interpolation", "bicubic"))
-        self.data.with_transforms(build_transforms(self.cfg.img_size, train=True, **kw),
-                                  build_transforms(self.cfg.img_size, train=False, **kw))
+        self.preprocessing = {"img_size": self.cfg.img_size, "mean": list(dc["mean"]), "std": list(dc["std"]),
+                              "crop_pct": dc.get("crop_pct", 0.875), "interpolation": dc.get("interpolation", "bicubic")}
+        self.data.with_transforms(build_transforms(**self.preprocessing, train=True),
+                                  self.input_transform(self.preprocessing))
+
+    def input_transform(self, preprocessing: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Resize(img_size / crop_pct) + CenterCrop(img_size) + normalisation: an image (PIL, or uint8 (3, H, W)
+        tensor, resized as a PIL image, as the training data was) -> float (3, img_size, img_size)."""
+        return v2.Compose([v2.ToPILImage(), build_transforms(**preprocessing, train=False)])
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: list[torch.Tensor], sizes: list[tuple[int, int]]
+                ) -> list[dict[str, Any]]:
+        """Per image: ``label`` (the top class's name) and ``probabilities`` (softmax over the classes, in class
+        order)."""
+        probs = model(torch.stack(images)).float().softmax(-1).cpu()
+        return [{"label": self.classes[int(p.argmax())], "probabilities": p.tolist()} for p in probs]
 
     def losses(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
         """Cross-entropy of a batch ``(x: (B, 3, H, W), y: (B,))``."""

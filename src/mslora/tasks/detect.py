@@ -257,8 +257,28 @@ class Detection(DenseTask):
                               channels=c, representation=4 * c, **rcnn)
 
     def set_transforms(self, model: nn.Module) -> None:
-        """A horizontal flip in training; the detector resizes and normalises."""
+        """A horizontal flip in training; the detector resizes and normalises (its shorter side ``img_size``)."""
+        self.preprocessing = {"img_size": self.cfg.img_size}
         self.data.with_transforms(detection_transform(True), detection_transform(False))
+
+    def input_transform(self, preprocessing: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """uint8 (3, H, W) -> float in [0, 1]; the detector resizes and normalises it itself."""
+        joint = detection_transform(False)
+        return lambda image: joint(image, {})[0]
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: list[torch.Tensor], sizes: list[tuple[int, int]]
+                ) -> list[dict[str, Any]]:
+        """Per image, in its pixel coordinates: ``boxes`` (N, 4) xyxy float, ``labels`` (class names), ``scores``
+        (N,) and, for mask detectors, ``masks`` (N, H, W) bool (probability > 0.5)."""
+        out = []
+        for det in model(list(images)):
+            one = {"boxes": det["boxes"].float().cpu(), "labels": [self.classes[int(c) - 1] for c in det["labels"]],
+                   "scores": det["scores"].float().cpu()}
+            if "masks" in det:
+                one["masks"] = det["masks"][:, 0].cpu() > 0.5
+            out.append(one)
+        return out
 
     def losses(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
         """The detector's loss dict on a batch: a list of images (3, H_i, W_i) float in [0, 1] and a list of

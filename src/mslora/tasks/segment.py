@@ -151,8 +151,28 @@ class Segmentation(DenseTask):
         backbone's normalisation."""
         inner = model.backbone.model if hasattr(model, "backbone") else model
         dc = resolve_model_data_config(inner)
-        self.data.with_transforms(segmentation_transform(True, self.cfg.img_size, dc["mean"], dc["std"]),
-                                  segmentation_transform(False, self.cfg.img_size, dc["mean"], dc["std"]))
+        self.preprocessing = {"img_size": self.cfg.img_size, "mean": list(dc["mean"]), "std": list(dc["std"])}
+        self.data.with_transforms(segmentation_transform(True, **self.preprocessing),
+                                  segmentation_transform(False, **self.preprocessing))
+
+    def input_transform(self, preprocessing: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The image half of the evaluation transform: shorter side resized to ``img_size``, normalised; uint8
+        (3, H, W) -> float (3, H', W')."""
+        joint = segmentation_transform(False, **preprocessing)
+        return lambda image: joint(image, None)[0]
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: list[torch.Tensor], sizes: list[tuple[int, int]]
+                ) -> list[dict[str, Any]]:
+        """Per image: ``label_map``, the class index of every pixel (int64 (H, W) at the original size)."""
+        x, _, shapes = segmentation_collate([(im, torch.zeros(im.shape[-2:], dtype=torch.long)) for im in images])
+        logits = model(x).float()
+        out = []
+        for i, (h, w) in enumerate(sizes):
+            lg = logits[i:i + 1] if shapes is None else logits[i:i + 1, :, :shapes[i][0], :shapes[i][1]]
+            lg = F.interpolate(lg, (h, w), mode="bilinear", align_corners=False)
+            out.append({"label_map": lg.argmax(1)[0].cpu()})
+        return out
 
     def losses(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:
         """UPerNet's loss dict (``loss_seg``, ``loss_aux``) on a batch (images, labels, _)."""
