@@ -133,6 +133,13 @@ def test_merge_cli_writes_a_plain_timm_checkpoint(image_folder, tmp_path, capsys
         torch.testing.assert_close(plain(x), adapted(x), rtol=1e-5, atol=1e-5)
     assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "m.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+    # a folder in timm's own Hugging Face layout: timm alone loads the head, the labels and the preprocessing
+    assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "hf")]) == 0
+    hf = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+    assert hf.num_classes == 3 and hf.pretrained_cfg["label_names"] == ["ant", "bee", "cat"]
+    assert hf.pretrained_cfg["input_size"] == (3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x), adapted(x), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_cli_refuses_a_method_that_cannot_merge(image_folder, tmp_path, capsys):

@@ -89,27 +89,32 @@ def cmd_predict(argv: list[str]) -> int:
 
 
 def cmd_merge(argv: list[str]) -> int:
-    """``mslora merge``: fold a trained adapter into its backbone and write a plain timm checkpoint; returns 0.
-
-    The file loads with timm alone: ``timm.create_model(NAME, pretrained=True,
-    pretrained_cfg_overlay=dict(file=FILE, num_classes=N), num_classes=N)``.
-    """
+    """``mslora merge``: fold a trained adapter into its backbone and write a plain timm model, as one
+    ``.safetensors`` checkpoint or as a folder in timm's Hugging Face layout with the class names and the
+    preprocessing (``timm.create_model("local-dir:DIR", pretrained=True)`` loads it); returns 0."""
     p = argparse.ArgumentParser(prog="mslora merge", description="Merge a trained adapter into its backbone's "
-                                "weights and write a plain timm checkpoint (safetensors) that loads without mslora.")
+                                "weights and write a plain timm model that loads without mslora: a folder in timm's "
+                                "Hugging Face layout (config.json with labels and preprocessing + model.safetensors), "
+                                "or one FILE.safetensors checkpoint.")
     p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file of a training run")
-    p.add_argument("--output", required=True, help="the .safetensors file to write (must not exist)")
+    p.add_argument("--output", required=True, help="a new folder, or a FILE.safetensors (nothing is overwritten)")
     a = p.parse_args(argv)
     out = Path(a.output)
-    if out.exists():
-        raise ValueError(f"output '{out}' exists; choose a new file (nothing is overwritten)")
-    if out.suffix != ".safetensors":
-        raise ValueError(f"output '{out}' must end in .safetensors")
-    _, _, cfg = run_config(a.adapter)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise ValueError(f"output '{out}' exists; choose a new file or folder (nothing is overwritten)")
+    if out.suffix not in ("", ".safetensors"):
+        raise ValueError(f"output '{out}' must end in .safetensors (one checkpoint file) or have no suffix (a folder)")
+    _, meta, cfg = run_config(a.adapter)
     if cfg.task != "classify":
         raise ValueError(f"'{a.adapter}' adapts a {cfg.task} model (backbone + neck + heads); mslora merge writes a "
-                         "timm classifier checkpoint: merge the backbone in Python with mslora.merge")
+                         "timm classifier: merge the backbone in Python with mslora.merge")
     _, model, _ = rebuild(a.adapter, workers=0)
-    save_backbone(merge(model), out)
+    pre = meta.get("preprocessing") or {}
+    data_config = {"input_size": (3, cfg.img_size, cfg.img_size),
+                   **{k: pre[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in pre}}
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
+    save_backbone(merge(model), out, label_names=meta.get("classes"), data_config=data_config,
+                  model_args={"img_size": cfg.img_size} if fixed else None)
     print(f"merged {cfg.method} into {cfg.backbone}: {out}")
     return 0
 

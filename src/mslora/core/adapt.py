@@ -186,11 +186,19 @@ def lift_adaptation(outer: nn.Module, inner: nn.Module) -> nn.Module:
     return outer
 
 
-def save_backbone(model: nn.Module, path: str | Path) -> Path:
-    """Write a plain (unadapted or merged) model's state dict as a timm checkpoint (safetensors), which
-    ``timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N),
-    num_classes=N)`` loads without mslora (``num_classes`` in the overlay too, or timm re-initialises the
-    classifier as if the file held ImageNet's). Returns the path.
+def save_backbone(model: nn.Module, path: str | Path, label_names: list[str] | None = None,
+                  data_config: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None) -> Path:
+    """Write a plain (unadapted or merged) timm model; returns the path.
+
+    - ``path`` ending in ``.safetensors``: its state dict as a timm checkpoint, which
+      ``timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N),
+      num_classes=N)`` loads without mslora (``num_classes`` in the overlay too, or timm re-initialises the
+      classifier as if the file held ImageNet's).
+    - any other ``path``: a folder in timm's own Hugging Face layout (``timm.models.save_for_hf``:
+      ``config.json`` with the architecture, ``num_classes``, ``label_names``, input size, mean / std, and
+      ``model.safetensors``), which ``timm.create_model("local-dir:PATH", pretrained=True)`` loads with its head
+      and labels, no overlay needed. ``data_config``: timm's preprocessing keys (``input_size``, ``mean``, ``std``,
+      ``crop_pct``, ``interpolation``); ``model_args``: ``create_model`` keywords the model needs (e.g. ``img_size``).
 
     Raises:
         ValueError: the model is still adapted (merge or unadapt it first).
@@ -198,7 +206,13 @@ def save_backbone(model: nn.Module, path: str | Path) -> Path:
     if adaptation(model) is not None:
         raise ValueError(f"model is adapted with '{adaptation(model).method}'; mslora.merge or mslora.unadapt it first")
     path = Path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    if path.suffix == ".safetensors":
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+        return path
+    from timm.models import save_for_hf  # imports huggingface_hub: only for this layout
+
+    save_for_hf(model, str(path), model_config={"label_names": list(label_names)} if label_names else None,
+                model_args=model_args, data_config=data_config, safe_serialization=True)
     return path
 
 
