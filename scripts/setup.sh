@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up mslora on a fresh machine: a virtual environment in .venv with the package and its test tools,
+# Set up mslora on a fresh machine: a virtual environment in .venv with the package, its test tools and the export extra,
 # and the Fashion-MNIST idx files of the main job (Debian package dataset-fashion-mnist).
 # Works offline: PyTorch 2.14.1 / torchvision 0.29.1 and the rest come from the machine's package index.
 set -euo pipefail
@@ -18,5 +18,5 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,export]"
 echo "setup: done (.venv/bin/mslora)"

@@ -1,4 +1,4 @@
-"""Command line: ``mslora train | eval | predict | params | merge | bench | report | visualize | sweep``.
+"""Command line: ``mslora train | eval | predict | export | params | merge | bench | report | visualize | sweep``.
 
 Options come from the config dataclasses (:class:`mslora.engine.config.TrainConfig` and the chosen method's
 config), their help from each field's metadata (:func:`mslora.methods.options.option`). Precedence: defaults <
@@ -116,6 +116,24 @@ def cmd_merge(argv: list[str]) -> int:
     save_backbone(merge(model), out, label_names=meta.get("classes"), data_config=data_config,
                   model_args={"img_size": cfg.img_size} if fixed else None)
     print(f"merged {cfg.method} into {cfg.backbone}: {out}")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    """``mslora export``: a trained run as ONNX or a torch.export program with its labels and preprocessing
+    (:mod:`mslora.tools.export`); returns 0."""
+    from mslora.tools.export import FORMATS, export_run
+
+    p = argparse.ArgumentParser(prog="mslora export", description="Export a trained classification or segmentation "
+                                "run (merged when its method merges) as one ONNX file or one torch.export program, "
+                                "with its class names and preprocessing inside.")
+    p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file of a training run")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (needs pip install -e '.[export]') or pt2")
+    p.add_argument("--output", required=True, help="the file to write (must not exist)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: the traced batch of 2)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    a = p.parse_args(argv)
+    print(f"exported: {export_run(a.adapter, a.format, a.output, a.dynamic_batch, a.opset)}")
     return 0
 
 
@@ -237,15 +255,16 @@ def cmd_sweep(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "params": cmd_params, "merge": cmd_merge,
-            "bench": cmd_bench, "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "params": cmd_params,
+            "merge": cmd_merge, "bench": cmd_bench, "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep}
 USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
   train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
   eval     evaluate a trained adapter on its test split
   predict  a trained run's predictions for image files (CSV / JSON / PNG)
+  export   a trained run as ONNX or a torch.export program, with its labels and preprocessing
   params   parameter counts of an adapted backbone
-  merge    fold a trained adapter into its backbone and write a plain timm checkpoint
+  merge    fold a trained adapter into its backbone and write a plain timm model (folder or checkpoint)
   bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)
   report   finished runs as a markdown table and PNG plots
   visualize  MSLoRA's reweighting maps per stage over images (the paper's Fig. 1 and 3)

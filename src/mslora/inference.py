@@ -60,7 +60,8 @@ def load_run(run: str | Path, device: str | torch.device | None = None, dtype: t
                          f"did not record them); evaluate it with mslora eval, or retrain to use it here")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=device, dtype=dtype).eval()
-    transforms = task.input_transform(meta["preprocessing"])
+    task.preprocessing = meta["preprocessing"]
+    transforms = task.input_transform(task.preprocessing)
     model.mslora_inference = (task, transforms)  # what predict() needs to take the model alone
     return Run(model, transforms, list(meta["classes"]))
 
