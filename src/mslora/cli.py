@@ -108,6 +108,10 @@ def cmd_merge(argv: list[str]) -> int:
     if cfg.task != "classify":
         raise ValueError(f"'{a.adapter}' adapts a {cfg.task} model (backbone + neck + heads); mslora merge writes a "
                          "timm classifier: merge the backbone in Python with mslora.merge")
+    spec = get_method(cfg.method)
+    if spec.merge is None:
+        raise ValueError(f"method '{cfg.method}' cannot be merged: {spec.merge_impossible}; mslora export "
+                         "--format onnx|pt2 exports it with its modules, and mslora predict runs it as it is")
     _, model, _ = rebuild(a.adapter, workers=0)
     pre = meta.get("preprocessing") or {}
     data_config = {"input_size": (3, cfg.img_size, cfg.img_size),
