@@ -187,7 +187,7 @@ def test_version_2_files_load_with_their_old_tensor_names(adapter_file, tmp_path
         assert torch.equal(model.state_dict()[k], v)
     # version 1: the same old names and no checksum (it had none), nor the backbone and version keys
     v1 = rewrite(adapter_file, tmp_path / "v1.safetensors", old, format="mslora.adapter/1", sha256=None,
-                 backbone=None, mslora_version=None, note=None)
+                 backbone=None, backbone_sha256=None, mslora_version=None, note=None)
     with safe_open(str(v1), framework="pt") as f:
         assert set(f.metadata()) == {"format", "method", "config"}
     model = mslora.load_adapter(make_model("resnet"), v1)

@@ -54,63 +54,76 @@ def collect(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def readable(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """(paths that open as images, one line per path that does not, naming it and why)."""
-    ok, bad = [], []
-    for p in paths:
-        try:
-            as_image(p)
-            ok.append(p)
-        except ValueError as e:
-            bad.append(str(e))
-    return ok, bad
+class ClassificationWriter:
+    """``predictions.csv`` (``path``, ``label``, the top-k labels and probabilities) and ``predictions.jsonl``,
+    written by :meth:`finish`, which returns a table line per image for stdout."""
 
+    def __init__(self, out: Path, classes: list[str], top_k: int = 5, **_: Any) -> None:
+        self.out, self.classes, self.k = out, classes, min(top_k, len(classes))
+        self.rows: list[list[Any]] = []
+        self.lines: list[str] = []
+        self.table: list[str] = []
 
-def write_classification(paths: list[Path], preds: list[dict[str, Any]], classes: list[str], out: Path,
-                         top_k: int) -> list[str]:
-    """``predictions.csv`` and ``predictions.jsonl``; returns table lines for stdout."""
-    k = min(top_k, len(classes))
-    lines, table = [], []
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", *[f"top{i + 1}_{c}" for i in range(k) for c in ("label", "probability")]])
+    def add(self, paths: list[Path], images: list[torch.Tensor], preds: list[dict[str, Any]]) -> None:
+        """Record one batch's predictions."""
         for path, p in zip(paths, preds):
             probs = torch.tensor(p["probabilities"])
-            top = [(classes[int(i)], round(float(probs[i]), 6)) for i in probs.topk(k).indices]
-            writer.writerow([str(path), p["label"], *[v for pair in top for v in pair]])
-            lines.append(json.dumps({"path": str(path), "label": p["label"],
-                                     "top_k": [{"label": c, "probability": v} for c, v in top]}))
-            table.append(f"{str(path):<60} {p['label']:<24} {top[0][1]:.4f}")
-    (out / "predictions.jsonl").write_text("".join(ln + "\n" for ln in lines))
-    return table
+            top = [(self.classes[int(i)], round(float(probs[i]), 6)) for i in probs.topk(self.k).indices]
+            self.rows.append([str(path), p["label"], *[v for pair in top for v in pair]])
+            self.lines.append(json.dumps({"path": str(path), "label": p["label"],
+                                          "top_k": [{"label": c, "probability": v} for c, v in top]}))
+            self.table.append(f"{str(path):<60} {p['label']:<24} {top[0][1]:.4f}")
+
+    def finish(self) -> list[str]:
+        """Write the CSV and JSON lines files; returns the table lines."""
+        with open(self.out / "predictions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", *[f"top{i + 1}_{c}" for i in range(self.k)
+                                                 for c in ("label", "probability")]])
+            writer.writerows(self.rows)
+        (self.out / "predictions.jsonl").write_text("".join(ln + "\n" for ln in self.lines))
+        return self.table
 
 
-def write_detection(paths: list[Path], preds: list[dict[str, Any]], classes: list[str], out: Path,
-                    score_threshold: float) -> None:
-    """COCO results JSON, the image-id and category files, and one drawn PNG per image."""
-    results, ids = [], {}
-    for k, (path, p) in enumerate(zip(paths, preds), 1):
-        ids[str(path)] = k
-        keep = p["scores"] >= score_threshold
-        boxes, scores = p["boxes"][keep], p["scores"][keep]
-        labels = [lb for lb, kept in zip(p["labels"], keep.tolist()) if kept]
-        masks = p["masks"][keep] if "masks" in p else None
-        for i, (box, score, label) in enumerate(zip(boxes.tolist(), scores.tolist(), labels)):
-            x1, y1, x2, y2 = box
-            det = {"image_id": k, "category_id": classes.index(label) + 1,
-                   "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)], "score": score}
-            if masks is not None:
-                rle = mask_utils.encode(np.asfortranarray(masks[i].numpy().astype(np.uint8)))
-                det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
-            results.append(det)
-        image = as_image(path)
-        if masks is not None and len(masks):
-            image = draw_segmentation_masks(image, masks, alpha=0.4)
-        image = draw_bounding_boxes(image, boxes, [f"{lb} {s:.2f}" for lb, s in zip(labels, scores.tolist())], width=2)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{k:05d}_{path.stem}.png")
-    (out / "results.json").write_text(json.dumps(results))
-    (out / "image_ids.json").write_text(json.dumps(ids, indent=1))
-    (out / "categories.json").write_text(json.dumps([{"id": i + 1, "name": c} for i, c in enumerate(classes)]))
+class DetectionWriter:
+    """One PNG per image with its boxes, labels and masks drawn (written as the batches come); COCO results JSON,
+    the image ids and the categories, written by :meth:`finish`. Boxes scored below ``score_threshold`` are left
+    out."""
+
+    def __init__(self, out: Path, classes: list[str], score_threshold: float = 0.5, **_: Any) -> None:
+        self.out, self.classes, self.threshold = out, classes, score_threshold
+        self.results: list[dict[str, Any]] = []
+        self.ids: dict[str, int] = {}
+
+    def add(self, paths: list[Path], images: list[torch.Tensor], preds: list[dict[str, Any]]) -> None:
+        """Record one batch's detections and draw its images."""
+        for path, image, p in zip(paths, images, preds):
+            k = self.ids[str(path)] = len(self.ids) + 1
+            keep = p["scores"] >= self.threshold
+            boxes, scores = p["boxes"][keep], p["scores"][keep]
+            labels = [lb for lb, kept in zip(p["labels"], keep.tolist()) if kept]
+            masks = p["masks"][keep] if "masks" in p else None
+            for i, (box, score, label) in enumerate(zip(boxes.tolist(), scores.tolist(), labels)):
+                x1, y1, x2, y2 = box
+                det = {"image_id": k, "category_id": self.classes.index(label) + 1,
+                       "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)], "score": score}
+                if masks is not None:
+                    rle = mask_utils.encode(np.asfortranarray(masks[i].numpy().astype(np.uint8)))
+                    det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+                self.results.append(det)
+            if masks is not None and len(masks):
+                image = draw_segmentation_masks(image, masks, alpha=0.4)
+            image = draw_bounding_boxes(image, boxes, [f"{lb} {s:.2f}" for lb, s in zip(labels, scores.tolist())],
+                                        width=2)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(self.out / f"{k:05d}_{path.stem}.png")
+
+    def finish(self) -> list[str]:
+        """Write the results, image-id and category files; no table."""
+        (self.out / "results.json").write_text(json.dumps(self.results))
+        (self.out / "image_ids.json").write_text(json.dumps(self.ids, indent=1))
+        (self.out / "categories.json").write_text(json.dumps([{"id": i + 1, "name": c}
+                                                              for i, c in enumerate(self.classes)]))
+        return []
 
 
 def palette() -> list[int]:
@@ -128,42 +141,60 @@ def palette() -> list[int]:
     return colours
 
 
-def write_segmentation(paths: list[Path], preds: list[dict[str, Any]], classes: list[str], out: Path) -> None:
-    """A label-map PNG (palette) and an overlay PNG per image."""
-    colours = palette()
-    for k, (path, p) in enumerate(zip(paths, preds), 1):
-        labels = Image.fromarray(p["label_map"].numpy().astype(np.uint8), mode="P")
-        labels.putpalette(colours)
-        labels.save(out / f"{k:05d}_{path.stem}_labels.png")
-        image = Image.fromarray(as_image(path).permute(1, 2, 0).numpy())
-        Image.blend(image, labels.convert("RGB"), 0.5).save(out / f"{k:05d}_{path.stem}_overlay.png")
+class SegmentationWriter:
+    """One label-map PNG (palette index = class) and one overlay PNG per image, written as the batches come."""
+
+    def __init__(self, out: Path, classes: list[str], **_: Any) -> None:
+        self.out, self.colours, self.count = out, palette(), 0
+
+    def add(self, paths: list[Path], images: list[torch.Tensor], preds: list[dict[str, Any]]) -> None:
+        """Write one batch's label maps and overlays."""
+        for path, image, p in zip(paths, images, preds):
+            self.count += 1
+            labels = Image.fromarray(p["label_map"].numpy().astype(np.uint8), mode="P")
+            labels.putpalette(self.colours)
+            labels.save(self.out / f"{self.count:05d}_{path.stem}_labels.png")
+            rgb = Image.fromarray(image.permute(1, 2, 0).numpy())
+            Image.blend(rgb, labels.convert("RGB"), 0.5).save(self.out / f"{self.count:05d}_{path.stem}_overlay.png")
+
+    def finish(self) -> list[str]:
+        """Nothing left to write; no table."""
+        return []
+
+
+WRITERS = {"classify": ClassificationWriter, "detect": DetectionWriter, "segment": SegmentationWriter}
 
 
 def predict_files(adapter: str, inputs: list[str], output: str, batch_size: int = 16, top_k: int = 5,
                   score_threshold: float = 0.5, device: str | None = None) -> tuple[Path, list[str], list[str]]:
-    """Predict every readable image of ``inputs`` with the run ``adapter`` and write the task's files into
-    ``output`` (created); returns (output folder, lines for stdout, one line per skipped file).
+    """Predict every readable image of ``inputs`` with the run ``adapter``, a batch at a time (each image read
+    once), and write the task's files into ``output`` (created); returns (output folder, table lines for stdout when
+    there are at most 10 images, one line per skipped file).
 
     Raises:
         FileNotFoundError / ValueError: no adapter or input, no readable image, or an invalid option.
     """
     if batch_size < 1 or top_k < 1:
         raise ValueError(f"batch_size={batch_size} and top_k={top_k} must be positive integers")
-    paths, skipped = readable(collect(inputs))
-    if not paths:
-        raise ValueError(f"no readable image among the inputs ({len(skipped)} unreadable)")
+    paths = collect(inputs)
     run = load_run(adapter, device=device)
-    preds = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=None, file=sys.stderr):
-        preds += predict(run, paths[start:start + batch_size], batch_size)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    task = run.model.mslora_inference[0].cfg.task
-    table: list[str] = []
-    if task == "classify":
-        table = write_classification(paths, preds, run.classes, out, top_k)
-    elif task == "detect":
-        write_detection(paths, preds, run.classes, out, score_threshold)
-    else:
-        write_segmentation(paths, preds, run.classes, out)
+    writer = WRITERS[run.model.mslora_inference[0].cfg.task](out, run.classes, top_k=top_k,
+                                                              score_threshold=score_threshold)
+    skipped, done = [], 0
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=None, file=sys.stderr):
+        good, images = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(as_image(path))
+                good.append(path)
+            except ValueError as e:
+                skipped.append(str(e))
+        if images:
+            writer.add(good, images, predict(run, images, batch_size))
+            done += len(images)
+    if not done:
+        raise ValueError(f"no readable image among the {len(paths)} inputs")
+    table = writer.finish()
     return out, table if len(table) <= 10 else [], skipped
