@@ -53,3 +53,16 @@ def image_folder(tmp_path):
         for i in range(8):
             Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
     return root
+
+
+def colour_folder(root, names, n, shape=lambda i: (24, 24)):
+    """An ImageFolder of ``n`` noisy images per class, class c brighter in colour channel c (learnable in an epoch or
+    two); ``shape(i)`` gives image i's (H, W). Returns ``root``."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 120, (*shape(i), 3), dtype=np.uint8)
+            img[..., c] += 120
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root

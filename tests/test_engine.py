@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import colour_folder
 from mslora.cli import main
 
 TINY = ["--backbone", "test_resnet", "--no-pretrained", "--img-size", "32", "--rank", "8", "--warmup-epochs", "1",
@@ -25,15 +26,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 @pytest.fixture
 def folder(tmp_path):
     """3 classes x 40 images with a class-dependent colour, so the task can be learnt."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for c, name in enumerate(("red", "green", "blue")):
-        (root / name).mkdir(parents=True)
-        for i in range(40):
-            img = rng.integers(0, 120, (24, 24, 3), dtype=np.uint8)
-            img[..., c] += 120
-            Image.fromarray(img).save(root / name / f"{i}.png")
-    return root
+    return colour_folder(tmp_path / "data", ("red", "green", "blue"), 40)
 
 
 def only_run(out):

@@ -2,27 +2,18 @@
 two batch sizes, for MSLoRA (unmerged), LoRA and RLRR (merged); the files carry the class names and preprocessing."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import mslora
+from conftest import colour_folder
 from mslora.cli import main
 from mslora.engine import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export") / "data"
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("cat", "dog")):
-        (root / name).mkdir(parents=True)
-        for i in range(12):
-            img = rng.integers(0, 120, (24, 24, 3), dtype=np.uint8)
-            img[..., c] += 120
-            Image.fromarray(img).save(root / name / f"{i}.png")
-    return root
+    return colour_folder(tmp_path_factory.mktemp("export") / "data", ("cat", "dog"), 12)
 
 
 @pytest.mark.parametrize("method,options", [("mslora", {"rank": 8}), ("lora", {"rank": 4}), ("rlrr", {})])

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mslora
-from conftest import make_model
+from conftest import colour_folder, make_model
 from mslora.cli import main
 from mslora.engine import TrainConfig, evaluate_adapter, train
 from mslora.registry import get_task
@@ -21,14 +21,8 @@ from mslora.registry import get_task
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
     """3 classes x 30 images with a class-dependent colour (learnable in 2 epochs), and a 2-epoch run on them."""
-    root = tmp_path_factory.mktemp("colours") / "data"
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("red", "green", "blue")):
-        (root / name).mkdir(parents=True)
-        for i in range(30):
-            img = rng.integers(0, 120, (20 + i % 5, 24, 3), dtype=np.uint8)
-            img[..., c] += 120
-            Image.fromarray(img).save(root / name / f"{i}.png")
+    root = colour_folder(tmp_path_factory.mktemp("colours") / "data", ("red", "green", "blue"), 30,
+                         shape=lambda i: (20 + i % 5, 24))
     cfg = TrainConfig(data=str(root), split="full", backbone="test_resnet", pretrained=False, epochs=2, batch_size=8,
                       img_size=32, lr=0.01, device="cpu", workers=0, output=str(root.parent / "runs"),
                       method_options={"rank": 8})
