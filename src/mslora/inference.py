@@ -56,8 +56,8 @@ def load_run(run: str | Path, device: str | torch.device | None = None, dtype: t
     task, model, meta = rebuild(run, workers=0)
     missing = [k for k in ("classes", "preprocessing") if k not in meta]
     if missing:
-        raise ValueError(f"adapter file of '{run}' lacks {' and '.join(missing)} (written by mslora before 0.3, which "
-                         f"did not record them); evaluate it with mslora eval, or retrain to use it here")
+        raise ValueError(f"adapter file of '{run}' lacks {' and '.join(missing)} (written before adapter files "
+                         f"recorded them); evaluate it with mslora eval, or retrain to use it here")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device=device, dtype=dtype).eval()
     task.preprocessing = meta["preprocessing"]
