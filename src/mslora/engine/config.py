@@ -58,10 +58,9 @@ class TrainConfig:
     method: str = option(MAIN_JOB_METHOD, "registered method (mslora.list_methods())")
     data: str = option("fashion-mnist", "'fashion-mnist', a Fashion-MNIST idx directory, or a data folder or file in "
                        "a format mslora reads (ImageFolder, VTAB-1k, FGVC, CSV, COCO, VOC, ADE20K, ...)")
-    data_format: str | None = option(None, "force the data format (mslora.data.formats.FORMATS); default: "
-                                     "recognised from the files")
+    data_format: str | None = option(None, "force the data format (mslora.data.formats.FORMATS)")
     split: str | None = option(None, "random1k (800 + 200 drawn), full, train800 / train800val200 (VTAB-1k's "
-                               "lists); default: the data's own")
+                               "lists)")
     split_seed: int = option(0, "seed of the train/val draw, fixed across training seeds like VTAB-1k's split")
     epochs: int | None = option(None, "training epochs")
     batch_size: int | None = option(None, "images per optimiser step over all processes, each of N processes "
@@ -94,8 +93,7 @@ class TrainConfig:
                                  "(faster on CPU: README 'Speed and memory')")
     grad_accum: int = option(1, "batches accumulated per optimiser step (the step's batch is batch_size x "
                              "grad_accum)")
-    workers: int | None = option(None, "DataLoader worker processes (default: 0 on a CPU with 4 cores or fewer "
-                                 "per process, up to 8 per GPU process)")
+    workers: int | None = option(None, "DataLoader worker processes")
     ckpt_every: int = option(0, "also checkpoint every N optimiser steps (0: at the end of every epoch only)")
     deterministic: bool = option(False, "PyTorch deterministic algorithms (resume then gives the same tensors)")
     method_options: dict[str, Any] = option(help="the method's own options, e.g. rank", default_factory=dict)
@@ -276,7 +274,9 @@ def train_parser(method: str, main_job_options: bool) -> argparse.ArgumentParser
                         "the value read as YAML (e.g. --set lr=1e-3 --set kernel_sizes=[3,5]); overrides the flags")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, with its "
                         "own config.yaml (no other option may be given)")
-    add_fields(parser.add_argument_group("training"), TrainConfig, _TRAIN_ONLY, task_defaults_shown())
+    shown_train = {**task_defaults_shown(), "data_format": "recognised from the files", "split": "the data's own",
+                   "workers": "0 on a CPU with 4 cores or fewer per process, else up to 4; up to 8 per GPU process"}
+    add_fields(parser.add_argument_group("training"), TrainConfig, _TRAIN_ONLY, shown_train)
     shown = {k: f"{v} (the main job's)" for k, v in MAIN_JOB_METHOD_OPTIONS.items()} if main_job_options else {}
     add_fields(parser.add_argument_group(f"options of method '{method}'"), spec.config_cls, defaults=shown)
     return parser
