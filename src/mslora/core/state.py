@@ -110,11 +110,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
-def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None,
+                 backbone_sha256: str | None = None) -> Path:
     """Write the adapter file: :func:`adapter_state_dict` as safetensors, with the method and its config as
     JSON in the file's metadata, the backbone's timm architecture, the fingerprint of its frozen weights
     (:func:`backbone_digest`) and the mslora version (plus ``metadata``, each value JSON-encoded; the engine adds the
     training config, the weight source, the class names and the preprocessing).
+
+    ``backbone_sha256``: the fingerprint when the caller already has it (the engine computes it once per run: the
+    frozen weights do not change while training); None computes it here.
 
     Returns the path written.
 
@@ -133,7 +137,7 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
         raise ValueError("the adapted model has no trainable tensors to save")
     meta = {"format": FORMAT, "method": rec.method, "config": json.dumps(dataclasses.asdict(rec.config)),
             "sha256": tensor_digest(tensors), "backbone": json.dumps(architecture(model)),
-            "backbone_sha256": json.dumps(backbone_digest(model)), "mslora_version": json.dumps(VERSION)}
+            "backbone_sha256": json.dumps(backbone_sha256 or backbone_digest(model)), "mslora_version": json.dumps(VERSION)}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)

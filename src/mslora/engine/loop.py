@@ -48,7 +48,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mslora.backbones import weights_source
-from mslora.core.state import adapter_state_dict, count_parameters, load_adapter_state, read_adapter, save_adapter
+from mslora.core.state import (adapter_state_dict, backbone_digest, count_parameters, load_adapter_state, read_adapter,
+                               save_adapter)
 from mslora.engine.checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mslora.engine.config import TrainConfig, default_workers
 from mslora.engine.rebuild import rebuild
@@ -288,6 +289,8 @@ class Loop:
                       "best_epoch": -1, "best_value": -math.inf}
         self.meta = {"train_config": cfg.to_dict(), "weights": weights_source(cfg.backbone, cfg.pretrained, cfg.weights),
                      **task.metadata()}
+        # once, by the process that writes: the frozen weights do not change while training
+        self.fingerprint = backbone_digest(self.unwrapped) if self.main else None
         self.writer = None
 
     def detect_unused(self, model: nn.Module, ddp: DistributedDataParallelKwargs, probe: Any) -> None:
@@ -360,7 +363,7 @@ class Loop:
         if val[task.best_metric] > state["best_value"] or task.keep_last:
             state["best_epoch"], state["best_value"] = epoch + 1, val[task.best_metric]
             if self.main:
-                atomic_write(self.best, lambda tmp: save_adapter(self.unwrapped, tmp, self.meta))
+                atomic_write(self.best, lambda tmp: save_adapter(self.unwrapped, tmp, self.meta, self.fingerprint))
         if self.main:
             with open(self.run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -397,7 +400,8 @@ class Loop:
         if self.main:
             if collapsed:
                 log.warning("WARNING: the run collapsed: %s; metrics.json says collapsed: true", collapsed)
-            atomic_write(self.run / "adapter.safetensors", lambda tmp: save_adapter(self.unwrapped, tmp, self.meta))
+            atomic_write(self.run / "adapter.safetensors",
+                         lambda tmp: save_adapter(self.unwrapped, tmp, self.meta, self.fingerprint))
             atomic_write(self.run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
             self.writer.close()
             log.info("best epoch %d: val_%s %.4f  test: %s  (%.0f s)", state["best_epoch"], task.best_metric,
