@@ -12,15 +12,20 @@ refused with what is missing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from accelerate.utils import set_seed
+
+from mslora.core.adapt import load_adapter
+from mslora.core.named import mixed_batch, router
 from mslora.data.images import read_rgb
-from mslora.engine.rebuild import rebuild
+from mslora.engine.rebuild import rebuild, run_config
+from mslora.registry import get_task
 
 
 class Run(NamedTuple):
@@ -54,16 +59,64 @@ def load_run(run: str | Path, device: str | torch.device | None = None, dtype: t
             whose weights differ from the ones it was trained on.
     """
     task, model, meta = rebuild(run, workers=0)
+    transforms = _inference(task, meta, run)
+    model = model.to(device=_device(device), dtype=dtype).eval()
+    model.mslora_inference = (task, transforms)  # what predict() needs to take the model alone
+    return Run(model, transforms, list(meta["classes"]))
+
+
+def load_runs(runs: Mapping[str, str | Path], device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None) -> nn.Module:
+    """One backbone with the adapters of several classification runs as named sets (``mslora.load_adapter(...,
+    name=...)``), each with its own head, classes and transforms; the first is active. :func:`predict` with
+    ``adapter_names`` then sends each image through its own adapter in one batch.
+
+    Args:
+        runs: name -> run directory or adapter file, in load order.
+        device, dtype: as :func:`load_run`.
+
+    Raises:
+        FileNotFoundError: no adapter file.
+        ValueError: no runs, a detection or segmentation run (named sets share a classifier backbone: load those
+            with :func:`load_run`), a file that lacks what inference needs, runs trained on different backbones or
+            weights, or a method that cannot share the backbone (named, with the reason).
+    """
+    if not runs:
+        raise ValueError("load_runs needs at least one NAME -> run")
+    model, infos = None, {}
+    for name, run in runs.items():
+        path, meta, cfg = run_config(run)
+        if cfg.task != "classify":
+            raise ValueError(f"run '{run}' is a {cfg.task} run; adapters share one backbone for classification runs "
+                             "only: load it on its own with mslora.load_run")
+        task = get_task(cfg.task)(cfg, classes=meta["classes"])
+        infos[name] = (task, _inference(task, meta, run))
+        if model is None:
+            set_seed(cfg.seed)  # a random-init backbone is re-drawn as in training
+            model = task.backbone()
+        load_adapter(model, path, name=name)
+    model = model.to(device=_device(device), dtype=dtype).eval()
+    model.mslora_inference = infos
+    return model
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when PyTorch sees it, else CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _inference(task: Any, meta: dict[str, Any], run: str | Path) -> Callable[[Any], torch.Tensor]:
+    """The run's eval transforms (its task's, from the recorded preprocessing), kept on ``task``.
+
+    Raises:
+        ValueError: the adapter file lacks the class names or the preprocessing (older files).
+    """
     missing = [k for k in ("classes", "preprocessing") if k not in meta]
     if missing:
         raise ValueError(f"adapter file of '{run}' lacks {' and '.join(missing)} (written before adapter files "
                          f"recorded them); evaluate it with mslora eval, or retrain to use it here")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device=device, dtype=dtype).eval()
     task.preprocessing = meta["preprocessing"]
-    transforms = task.input_transform(task.preprocessing)
-    model.mslora_inference = (task, transforms)  # what predict() needs to take the model alone
-    return Run(model, transforms, list(meta["classes"]))
+    return task.input_transform(task.preprocessing)
 
 
 def as_image(image: Any) -> torch.Tensor:
@@ -88,32 +141,79 @@ def as_image(image: Any) -> torch.Tensor:
                      "or a (3, H, W) tensor")
 
 
-def predict(model: Run | nn.Module | str | Path, images: Sequence[Any], batch_size: int = 16
-            ) -> list[dict[str, Any]]:
+def predict(model: Run | nn.Module | str | Path, images: Sequence[Any], batch_size: int = 16,
+            adapter_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One prediction per image, in the original image's pixel coordinates: classification ``label`` and
     ``probabilities`` (class order); detection ``boxes`` (N, 4) xyxy, ``labels``, ``scores``, ``masks`` (N, H, W);
     segmentation ``label_map`` (H, W) class indices.
 
     Args:
-        model: what :func:`load_run` returned (or its model), or a run directory / adapter file to load.
+        model: what :func:`load_run` or :func:`load_runs` returned (or its model), or a run directory / adapter
+            file to load.
         images: paths, PIL images, uint8 arrays or tensors (see :func:`as_image`).
         batch_size: images per forward pass.
+        adapter_names: with :func:`load_runs`' model, the named adapter for each image (default: the active one);
+            images of different adapters share each forward pass (``mslora.mixed_batch``), those whose runs
+            preprocess alike in one batch.
 
     Raises:
-        ValueError: a model that did not come from :func:`load_run`, an unreadable image, or a batch size below 1.
+        ValueError: a model that did not come from :func:`load_run` / :func:`load_runs`, an unreadable image, a
+            batch size below 1, or ``adapter_names`` for a model without named adapters, of another length than
+            ``images`` or naming an adapter it does not have.
     """
     if isinstance(model, (str, Path)):
         model = load_run(model)
     model = model.model if isinstance(model, Run) else model
-    if getattr(model, "mslora_inference", None) is None:
-        raise ValueError("predict takes what mslora.load_run returns (the model knows its task and transforms)")
+    info = getattr(model, "mslora_inference", None)
+    if info is None:
+        raise ValueError("predict takes what mslora.load_run or mslora.load_runs returns (the model knows its task "
+                         "and transforms)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
-    task, transforms = model.mslora_inference
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    results = []
+    if not isinstance(info, dict):
+        if adapter_names is not None:
+            raise ValueError("adapter_names needs a model with named adapters (mslora.load_runs)")
+        info, adapter_names = {None: info}, [None] * len(images)
+    elif adapter_names is None:
+        adapter_names = [router(model).active] * len(images)
+    elif len(adapter_names) != len(images):
+        raise ValueError(f"{len(adapter_names)} adapter_names for {len(images)} images: give one per image")
+    unknown = sorted({str(n) for n in adapter_names if n not in info})
+    if unknown:
+        raise ValueError(f"no adapter named {', '.join(unknown)}; the model has {', '.join(map(str, info))}")
+    results = [None] * len(images)
     for start in range(0, len(images), batch_size):
-        raw = [as_image(im) for im in images[start:start + batch_size]]
-        batch = [transforms(im).to(device=device, dtype=dtype) for im in raw]
-        results += task.predict(model, batch, [tuple(im.shape[-2:]) for im in raw])
+        for rows, names, batch, sizes in _groups(images, adapter_names, start, batch_size, info, model):
+            for i, result in zip(rows, _predict_batch(model, info, names, batch, sizes)):
+                results[i] = result
     return results
+
+
+def _groups(images: Sequence[Any], names: Sequence[Any], start: int, size: int, info: dict, model: nn.Module):
+    """The images ``start:start + size`` read and transformed, grouped by transform (one batch each): yields
+    (indices into ``images``, adapter names, transformed images, original (H, W) sizes)."""
+    p = next(model.parameters())
+    groups: dict[int, list[int]] = {}
+    for i in range(start, min(start + size, len(images))):
+        groups.setdefault(repr(sorted(info[names[i]][0].preprocessing.items())), []).append(i)  # alike: one batch
+    for rows in groups.values():
+        raw = [as_image(images[i]) for i in rows]
+        batch = [info[names[i]][1](im).to(device=p.device, dtype=p.dtype) for i, im in zip(rows, raw)]
+        yield rows, [names[i] for i in rows], batch, [tuple(im.shape[-2:]) for im in raw]
+
+
+def _predict_batch(model: nn.Module, info: dict, names: list, batch: list[torch.Tensor],
+                   sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Predictions for one batch: the task's own without named adapters, else one mixed forward whose logits each
+    sample's task reads in its own classes (:class:`mslora.core.named.RoutedHead`)."""
+    if names[0] is None:
+        return info[None][0].predict(model, batch, sizes)
+    with torch.no_grad(), mixed_batch(model, names):
+        logits = model(torch.stack(batch))
+    out = [None] * len(names)
+    for name in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        task = info[name][0]
+        for i, answer in zip(rows, task.answer(logits[rows, :task.num_classes])):
+            out[i] = answer
+    return out

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from mslora.core import named
 from mslora.core.hooks import collect_handles, freeze_backbone, freeze_batchnorm, head_module, is_inside, keep_handle
 from mslora.core.layout import record_image_size
 from mslora.core.state import (Adaptation, adaptation, architecture, backbone_digest, load_adapter_state,
@@ -234,18 +235,26 @@ def check_backbone(model: nn.Module, meta: dict[str, Any], path: str | Path, str
     warnings.warn(msg + " Loading anyway (strict_backbone=False).", stacklevel=3)
 
 
-def load_adapter(model: nn.Module, path: str | Path, strict_backbone: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | Path, strict_backbone: bool = True, name: str | None = None
+                 ) -> nn.Module:
     """Adapt a fresh backbone as recorded in the adapter file at ``path`` and load its tensors.
 
     ``model`` must be the backbone the adapter was trained on: the same architecture, the same frozen weights (the
     file records their fingerprint; ``strict_backbone=False`` loads onto other weights with a warning) and the
     same number of classes. Returns the model.
 
+    With ``name``, the adapter joins the model's named sets (:mod:`mslora.core.named`): load several, each with its
+    own classifier head (any number of classes), then pick one with ``mslora.set_adapter(model, name)`` (the first
+    loaded is active) or mix them per sample with ``mslora.predict(..., adapter_names=[...])`` /
+    ``mslora.mixed_batch``; the frozen backbone is shared. Methods that change the backbone itself cannot share it.
+
     Raises:
         FileNotFoundError: no such file.
         ValueError: not an adapter file (or one of another version, damaged or altered), trained on another timm
             architecture (both named) or on other weights (see :func:`check_backbone`), a method or options this
-            version does not have or lacks, or tensors that do not fit the model.
+            version does not have or lacks, or tensors that do not fit the model; with ``name``: a name taken, a
+            model with an unnamed adapter or without one classifier, or a method that cannot share the backbone
+            with the sets already there (nothing of the new set stays then).
     """
     tensors, meta = read_adapter(path)
     trained_on, here = meta.get("backbone"), architecture(model)
@@ -259,8 +268,19 @@ def load_adapter(model: nn.Module, path: str | Path, strict_backbone: bool = Tru
     if missing:
         raise ValueError(f"adapter file '{path}' lacks option(s) {', '.join(missing)} of method '{spec.name}' "
                          "(written by another version of mslora?)")
-    if adaptation(model) is None:
-        check_backbone(model, meta, path, strict_backbone)
-    adapt(model, meta["method"], **meta["config"])
-    load_adapter_state(model, tensors)
+    if name is not None:
+        named.begin(model, tensors, name)
+    try:
+        if adaptation(model) is None:
+            check_backbone(model, meta, path, strict_backbone)
+        adapt(model, meta["method"], **meta["config"])
+        load_adapter_state(model, tensors)
+        if name is not None:
+            named.finish(model, path, meta, name)
+    except Exception:
+        if name is not None:  # the model as it was: its other sets intact
+            if adaptation(model) is not None:
+                unadapt(model)
+            named.abort(model)
+        raise
     return model

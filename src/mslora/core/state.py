@@ -149,15 +149,15 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     parameter and buffer outside the head and outside what the method added, with PEFT's ``.base_layer`` and
     parametrize's ``.parametrizations.<tensor>.original`` taken out of the names, and the tensors a method trained in
     place (bias-tune, norm-tune) or rewrote (PiSSA) at their values from before :func:`mslora.adapt`. An unadapted
-    model gives everything outside its head."""
+    model gives everything outside its head and its named adapter sets (``adapters``)."""
     rec = adaptation(model)
     head = rec.head if rec else tuple(head_module(model))
     added = rec.added if rec else frozenset()
     originals = rec.originals if rec else {}
     out = {}
     for name, t in model.state_dict().items():
-        if name in added or is_inside(name, head):
-            continue
+        if name in added or is_inside(name, head) or (rec is None and name.startswith(ADAPTERS + ".")):
+            continue  # (an unadapted model's ``adapters`` are named sets: mslora.core.named)
         plain = _PARAMETRIZED.sub(r".\1", name.replace(".base_layer.", "."))
         out[plain] = originals.get(plain, t)
     return out

@@ -60,8 +60,7 @@ class Classification(Task):
         from that adapter file. With ``head_init='zero'`` a new head (random init, or another size than the
         pretrained one) is zeroed; a pretrained head of the right size is kept."""
         cfg = self.cfg
-        model = build_backbone(cfg.backbone, self.num_classes, cfg.pretrained, cfg.weights, img_size=cfg.img_size,
-                               drop_path_rate=cfg.drop_path_rate)
+        model = self.backbone()
         if adapter is not None:
             return load_adapter(model, adapter)
         loaded_head = (cfg.pretrained or cfg.weights) and \
@@ -69,6 +68,13 @@ class Classification(Task):
         if cfg.head_init == "zero" and not loaded_head:  # a pretrained head of the right size is kept
             zero_head(model)
         return adapt(model, cfg.method, **cfg.method_options)
+
+    def backbone(self) -> nn.Module:
+        """The plain timm backbone with a ``num_classes`` head (:func:`mslora.backbones.build_backbone`), before any
+        method: what :meth:`build_model` adapts, and what named adapters share (``mslora.load_runs``)."""
+        cfg = self.cfg
+        return build_backbone(cfg.backbone, self.num_classes, cfg.pretrained, cfg.weights, img_size=cfg.img_size,
+                              drop_path_rate=cfg.drop_path_rate)
 
     def set_transforms(self, model: nn.Module) -> None:
         """Training and evaluation transforms at ``cfg.img_size`` with the model's normalisation (timm
@@ -89,7 +95,12 @@ class Classification(Task):
                 ) -> list[dict[str, Any]]:
         """Per image: ``label`` (the top class's name) and ``probabilities`` (softmax over the classes, in class
         order)."""
-        probs = model(torch.stack(images)).float().softmax(-1).cpu()
+        return self.answer(model(torch.stack(images)))
+
+    def answer(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        """Logits (B, num_classes) -> per image ``label`` (the top class's name) and ``probabilities`` (softmax over
+        the classes, in class order)."""
+        probs = logits.float().softmax(-1).cpu()
         return [{"label": self.classes[int(p.argmax())], "probabilities": p.tolist()} for p in probs]
 
     def losses(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], int]:

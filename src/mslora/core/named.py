@@ -1,0 +1,307 @@
+"""Several named adapters on one frozen backbone (``mslora.load_adapter(model, path, name=...)``), one active at a
+time (:func:`set_adapter`) or each sample of a batch through its own (:func:`mixed_batch`), the backbone shared.
+
+Each named set's modules live in ``model.adapters[name]`` (keyed by site inside, as an unnamed adaptation's
+``model.adapters``) and its classifier head in ``model.<head>.heads[name]``, where ``<head>`` is timm's classifier
+(``get_classifier()``), now a :class:`RoutedHead`. Every adapter hook is wrapped in a :class:`Routed` hook that
+applies it to its own set's samples only: rows of a (B, ...) feature tensor, or the B consecutive groups of rows of
+a (k B, ...) one (Swin's windows, batch-major). So a mixed batch runs the frozen backbone once and equals each
+sample run alone under its own adapter (up to float rounding), and N adapters cost N adapters' tensors, not N
+backbones. PEFT's multi-adapter LoRA layers are the model for the API (``adapter_names``, ``set_adapter``); the
+per-sample routing is ours because our feature-space adapters live in hooks, which PEFT does not know.
+
+Methods that change what every sample shares (the backbone's weights or layers: RLRR, SSF, BitFit, PiSSA, LoRA and
+the other PEFT methods, full fine-tuning) or hooks that are not per-sample (VPT's prompts change the token count)
+cannot be mixed: such a set loads only on a model of its own.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mslora.core.hooks import ADAPTERS, AdapterHook, AddBranch, KeepInput, head_module, keep_eval
+from mslora.core.layout import record_image_size
+from mslora.core.state import Adaptation, adaptation
+
+ROUTABLE = (AdapterHook, KeepInput, AddBranch)  # hooks that act on each sample's rows alone
+NEUTRAL = (keep_eval, record_image_size)  # hooks every set registers that do not depend on the set
+
+
+@dataclass
+class NamedAdapter:
+    """One named set on a model (``mslora.named_adapters(model)[name]``).
+
+    Attributes:
+        name: the set's name.
+        path: the adapter file it came from.
+        meta: that file's metadata (method, config, classes, preprocessing, training config ...).
+        record: the :class:`mslora.core.state.Adaptation` its loading made.
+        num_classes: width of its head's output.
+        mix_refusal: why it cannot share the model with other sets (:func:`mix_refusal`), or None.
+    """
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    record: Adaptation
+    num_classes: int
+    mix_refusal: str | None
+
+
+class NotMixable(ValueError):
+    """A set that cannot share the model with the sets already on it (:func:`finish`)."""
+
+
+class Router:
+    """Which samples go through which named set: ``active`` (one set for the whole batch), or ``rows`` (set name ->
+    sample indices, a (B,) batch) while :func:`mixed_batch` runs."""
+
+    def __init__(self) -> None:
+        self.sets: dict[str, NamedAdapter] = {}
+        self.active: str | None = None
+        self.rows: dict[str, torch.Tensor] | None = None
+        self.batch = 0
+        self.pending: tuple | None = None  # while a set loads: (classifier, named sets set aside, active name)
+
+    def rows_of(self, name: str, n: int) -> torch.Tensor | bool:
+        """True: all ``n`` rows go through set ``name``; False: none; else the row indices (a feature tensor of
+        leading dim ``n = k B`` gives sample i the rows i k ... i k + k - 1).
+
+        Raises:
+            ValueError: ``n`` is not a multiple of the batch size (a layout the routing cannot split by sample).
+        """
+        if self.rows is None:
+            return name == self.active
+        idx = self.rows.get(name)
+        if idx is None:
+            return False
+        if len(idx) == self.batch:
+            return True
+        if n % self.batch:
+            raise ValueError(f"a feature tensor of leading size {n} does not split into the batch's {self.batch} "
+                             "samples: this site cannot be routed per sample")
+        k = n // self.batch
+        return idx if k == 1 else (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)
+
+
+class Routed:
+    """A set's adapter hook (:data:`ROUTABLE`) applied to that set's rows only (see :class:`Router`): as it is when
+    the whole batch is the set's, skipped when none of it is, else on the rows, written back out of place."""
+
+    def __init__(self, router: Router, name: str, hook: Any, pre: bool) -> None:
+        self.router, self.name, self.hook, self.pre = router, name, hook, pre
+
+    def __call__(self, module: nn.Module, args, output=None):
+        x = args[0]
+        rows = self.router.rows_of(self.name, x.shape[0])
+        if rows is False:
+            return None
+        if rows is True:
+            return self.hook(module, args) if self.pre else self.hook(module, args, output)
+        sub_args = (x.index_select(0, rows), *args[1:])
+        if self.pre:
+            new = self.hook(module, sub_args)
+            return None if new is None else (x.index_copy(0, rows, new[0]), *args[1:])
+        new = self.hook(module, sub_args, output.index_select(0, rows))
+        return None if new is None else output.index_copy(0, rows, new)
+
+
+class RoutedHead(nn.Module):
+    """The classifier of a model with named sets: each set's own head (``heads[name]``, e.g. a Linear) on its
+    samples. Output (B, C) for one active set; in a mixed batch (B, max C) with each sample's logits in its first
+    C_set columns and -inf after them (a softmax gives those classes probability 0)."""
+
+    def __init__(self, router: Router) -> None:
+        super().__init__()
+        self.router = router
+        self.heads = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, ...) the features the classifier takes -> logits as above."""
+        r = self.router
+        if r.rows is None:
+            return self.heads[r.active](x)
+        width = max(r.sets[n].num_classes for n in r.rows)
+        out = x.new_full((x.shape[0], width), float("-inf"))
+        for name, idx in r.rows.items():
+            logits = self.heads[name](x.index_select(0, idx))
+            out[idx, :logits.shape[1]] = logits
+        return out
+
+
+def router(model: nn.Module) -> Router | None:
+    """The model's :class:`Router`, or None when it holds no named sets."""
+    return getattr(model, "mslora_router", None)
+
+
+def named_adapters(model: nn.Module) -> dict[str, NamedAdapter]:
+    """The named sets on ``model`` by name, in load order (empty when none)."""
+    r = router(model)
+    return dict(r.sets) if r else {}
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make ``name`` the set every sample goes through (``model(x)`` then gives its outputs); returns the model.
+
+    Raises:
+        ValueError: the model has no set of that name (the message lists those it has).
+    """
+    r = router(model)
+    if r is None or name not in r.sets:
+        raise ValueError(f"model has no adapter named '{name}'; it has: {', '.join(r.sets) if r else '(none)'}")
+    r.active = name
+    return model
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+    """Within the block, sample i of the next batches goes through set ``adapter_names[i]`` (a batch of
+    ``len(adapter_names)`` samples), the frozen backbone running once; ``model(x)`` gives padded logits
+    (:class:`RoutedHead`).
+
+    Raises:
+        ValueError: a name the model does not have, or a set that cannot be mixed (its reason).
+    """
+    r = router(model)
+    unknown = sorted({n for n in adapter_names if r is None or n not in r.sets})
+    if unknown:
+        raise ValueError(f"model has no adapter named {', '.join(map(repr, unknown))}; "
+                         f"it has: {', '.join(r.sets) if r else '(none)'}")
+    names, device = list(adapter_names), next(model.parameters()).device
+    rows = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device) for n in dict.fromkeys(names)}
+    r.rows, r.batch = rows, len(names)
+    try:
+        yield model
+    finally:
+        r.rows, r.batch = None, 0
+
+
+def mix_refusal(model: nn.Module, rec: Adaptation) -> str | None:
+    """Why the adaptation ``rec`` just made on ``model`` cannot share the backbone with other sets, or None."""
+    outside = sorted(n for n in rec.added if not n.startswith(ADAPTERS + "."))
+    if outside or rec.originals:
+        changed = (outside or sorted(rec.originals))[0]
+        return (f"'{rec.method}' changes what every sample shares, the backbone's own layers or weights "
+                f"(e.g. '{changed}')")
+    foreign = [h for h in _hooks(rec) if not isinstance(h, ROUTABLE) and h not in NEUTRAL]
+    if foreign:
+        return (f"'{rec.method}' acts through hooks that do not act on each sample alone "
+                f"({getattr(foreign[0], '__qualname__', type(foreign[0]).__name__)}; VPT's prompts change the token "
+                "count of the whole batch)")
+    return None
+
+
+def _hooks(rec: Adaptation) -> list[Any]:
+    """The hook callables behind the record's handles."""
+    out = []
+    for handle in rec.handles:
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and handle.id in hooks:
+            out.append(hooks[handle.id])
+    return out
+
+
+def _route_hooks(rec: Adaptation, r: Router, name: str) -> None:
+    """Wrap every adapter hook of ``rec`` in a :class:`Routed` hook for set ``name``, in place."""
+    for handle in rec.handles:
+        hooks = handle.hooks_dict_ref()
+        hook = hooks.get(handle.id) if hooks is not None else None
+        if isinstance(hook, ROUTABLE):
+            pre = isinstance(hook, KeepInput) or (isinstance(hook, AdapterHook) and hook.mode == "input")
+            hooks[handle.id] = Routed(r, name, hook, pre)
+
+
+def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent module, attribute) of the model's one classifier module.
+
+    Raises:
+        ValueError: the model has no classifier, or more than one (distilled heads).
+    """
+    names = head_module(model)
+    if len(names) != 1:
+        raise ValueError(f"named adapters need a model with one classifier module (timm get_classifier()); "
+                         f"{type(model).__name__} has {len(names)}")
+    parent, _, attr = names[0].rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def begin(model: nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Make ``model`` ready to adapt for set ``name``: the named sets' modules set aside and a fresh classifier
+    the width of the file's head (timm ``reset_classifier``); :func:`finish` or :func:`abort` must follow.
+
+    Raises:
+        ValueError: the model holds an unnamed adaptation, already has a set of that name, holds a set that cannot
+            be mixed, or the file holds no classifier head for this model.
+    """
+    r = router(model)
+    if r is None and adaptation(model) is not None:
+        raise ValueError("model already holds an unnamed adapter: load every adapter of a model with a name")
+    if r is not None and name in r.sets:
+        raise ValueError(f"model already has an adapter named '{name}'")
+    for other in (r.sets.values() if r else ()):
+        if other.mix_refusal:
+            raise ValueError(f"adapter '{other.name}' on this model cannot share it: {other.mix_refusal}; load each "
+                             "such adapter on a model of its own")
+    parent, attr = _head_slot(model)
+    prefix = next(n for n, m in model.named_modules() if m is getattr(parent, attr))
+    width = tensors.get(f"{prefix}.weight")
+    if width is None:
+        raise ValueError(f"adapter file holds no '{prefix}.weight' classifier for this model")
+    if r is None:
+        r = Router()
+        model.mslora_router = r
+    aside = model._modules.pop(ADAPTERS, None)
+    r.pending = (getattr(parent, attr), aside, r.active)  # what abort() puts back
+    r.active = None  # no set's hooks run while the new one is placed
+    model.reset_classifier(width.shape[0])
+    p = next(model.parameters())
+    parent, attr = _head_slot(model)
+    getattr(parent, attr).to(device=p.device, dtype=p.dtype)
+
+
+def finish(model: nn.Module, path: str | Path, meta: dict[str, Any], name: str) -> None:
+    """After adapting and loading set ``name``: route its hooks, move its modules to ``model.adapters[name]`` and
+    its head to the :class:`RoutedHead`, and forget the unnamed record.
+
+    Raises:
+        NotMixable: the set cannot be mixed and the model holds other sets (the caller undoes it: :func:`abort`).
+    """
+    r = router(model)
+    original, aside, active = r.pending
+    rec = adaptation(model)
+    reason = mix_refusal(model, rec)
+    if reason and r.sets:
+        raise NotMixable(f"adapter '{name}' cannot share this model with {', '.join(r.sets)}: {reason}; load it on "
+                         "a model of its own")
+    _route_hooks(rec, r, name)
+    parent, attr = _head_slot(model)
+    head = getattr(parent, attr)
+    routed = original if isinstance(original, RoutedHead) else RoutedHead(r)
+    routed.heads[name] = head
+    setattr(parent, attr, routed)
+    named = aside if aside is not None else nn.ModuleDict()
+    named[name] = model._modules.pop(ADAPTERS, None) or nn.ModuleDict()
+    model.add_module(ADAPTERS, named)
+    del model.mslora_adaptation
+    r.pending = None
+    r.sets[name] = NamedAdapter(name, Path(path), meta, rec, int(head.weight.shape[0]), reason)
+    r.active = active or name
+
+
+def abort(model: nn.Module) -> None:
+    """Undo a set's loading that failed after :func:`begin` (its adaptation already removed, ``mslora.unadapt``):
+    the named sets, the classifier and the active set put back."""
+    r = router(model)
+    original, aside, r.active = r.pending
+    parent, attr = _head_slot(model)
+    setattr(parent, attr, original)
+    if aside is not None:
+        model.add_module(ADAPTERS, aside)
+    r.pending = None
+    if not r.sets:
+        del model.mslora_router
