@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 torch.set_num_threads(2)
 
@@ -66,3 +67,23 @@ def colour_folder(root, names, n, shape=lambda i: (24, 24)):
             img[..., c] += 120
             Image.fromarray(img).save(root / name / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory):
+    """Two 1-epoch runs on the same backbone weights (a local file): 3 colour classes (mslora) and 2 (adapter);
+    name -> (run directory, the images of its data)."""
+    from mslora.engine import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("named")
+    weights = root / "backbone.safetensors"
+    save_file(make_model("resnet").state_dict(), str(weights))
+    runs = {}
+    for name, classes, method, options in (("rgb", ("red", "green", "blue"), "mslora", {"rank": 8}),
+                                           ("rg", ("red", "green"), "adapter", {"rank": 4})):
+        data = colour_folder(root / name, classes, 12)
+        cfg = TrainConfig(data=str(data), split="full", backbone="test_resnet", weights=str(weights), epochs=1,
+                          batch_size=8, img_size=32, lr=0.01, device="cpu", workers=0, output=str(root / "runs"),
+                          method=method, method_options=options, seed=0)
+        runs[name] = (train(cfg)[1], sorted(data.glob("*/*.png")))
+    return runs

@@ -3,11 +3,10 @@ run alone, refusals that leave the model as it was, and load_runs + predict(adap
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import mslora
-from conftest import colour_folder, make_model, sample_input
-from mslora.engine import TrainConfig, train
+from conftest import make_model, sample_input
 
 MIXABLE = {  # backbone -> feature-space methods (with small options) that share it
     "resnet": [("mslora", {"rank": 4, "groups": 2}), ("adapter", {"rank": 4}), ("conv_adapter", {}),
@@ -101,23 +100,6 @@ def test_named_adapters_say_what_is_wrong(tmp_path):
     mslora.load_adapter(plain, path)
     with pytest.raises(ValueError, match="unnamed adapter: load every adapter of a model with a name"):
         mslora.load_adapter(plain, path, name="b")
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """Two 1-epoch runs on the same backbone weights (a local file): 3 colour classes (mslora) and 2 (adapter)."""
-    root = tmp_path_factory.mktemp("named")
-    weights = root / "backbone.safetensors"
-    save_file(make_model("resnet").state_dict(), str(weights))
-    runs = {}
-    for name, classes, method, options in (("rgb", ("red", "green", "blue"), "mslora", {"rank": 8}),
-                                           ("rg", ("red", "green"), "adapter", {"rank": 4})):
-        data = colour_folder(root / name, classes, 12)
-        cfg = TrainConfig(data=str(data), split="full", backbone="test_resnet", weights=str(weights), epochs=1,
-                          batch_size=8, img_size=32, lr=0.01, device="cpu", workers=0, output=str(root / "runs"),
-                          method=method, method_options=options, seed=0)
-        runs[name] = (train(cfg)[1], sorted(data.glob("*/*.png")))
-    return runs
 
 
 def test_load_runs_predicts_each_image_with_its_own_adapter(two_runs):

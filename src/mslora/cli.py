@@ -1,4 +1,5 @@
-"""Command line: ``mslora train | eval | predict | export | params | merge | bench | report | visualize | sweep``.
+"""Command line: ``mslora train | eval | predict | export | params | merge | bench | report | visualize | sweep |
+serve``.
 
 Options come from the config dataclasses (:class:`mslora.engine.config.TrainConfig` and the chosen method's
 config), their help from each field's metadata (:func:`mslora.methods.options.option`). Precedence: defaults <
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -259,8 +261,45 @@ def cmd_sweep(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    """``mslora serve``: trained adapters behind HTTP on LitServe (:mod:`mslora.tools.serve`); returns 0 when
+    interrupted."""
+    if importlib.util.find_spec("litserve") is None:
+        raise ValueError('mslora serve needs LitServe: pip install -e ".[serve]"')
+    from mslora.tools.serve import serve  # imports LitServe
+
+    p = argparse.ArgumentParser(prog="mslora serve", description="Serve trained adapters over HTTP (LitServe): POST "
+                                "/predict, GET /adapters, GET /health, a page at /. Classification adapters on the "
+                                "same backbone weights share one backbone and mixed batches.")
+    p.add_argument("--adapter", required=True, nargs="+", metavar="NAME=RUN",
+                   help="adapters to serve, each a name and a run directory or adapter file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--workers", type=int, default=1, help="inference processes per device (default: 1)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests answered by one forward pass, at most "
+                   "(default: 16)")
+    p.add_argument("--batch-timeout", type=float, default=0.01, help="seconds to wait for a batch to fill "
+                   "(default: 0.01)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto: CUDA when present)")
+    p.add_argument("--top-k", type=int, default=5, help="classify: labels and probabilities returned (default: 5)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="detect: boxes scored below this are left "
+                   "out (default: 0.5)")
+    a = p.parse_args(argv)
+    runs = {}
+    for item in a.adapter:
+        name, sep, run = item.partition("=")
+        if not sep or not name or not run:
+            raise ValueError(f"--adapter '{item}' must be NAME=RUN (a name, '=', a run directory or adapter file)")
+        if name in runs:
+            raise ValueError(f"--adapter name '{name}' is given twice")
+        runs[name] = run
+    serve(runs, a.host, a.port, a.workers, a.max_batch_size, a.batch_timeout, a.device, a.top_k, a.score_threshold)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "params": cmd_params,
-            "merge": cmd_merge, "bench": cmd_bench, "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep}
+            "merge": cmd_merge, "bench": cmd_bench, "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep,
+            "serve": cmd_serve}
 USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
   train    train a method on a backbone and dataset; 'mslora train' alone runs the main job (README)
@@ -272,7 +311,8 @@ USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
   bench    training and inference cost of methods on one backbone (time, memory, GFLOPs)
   report   finished runs as a markdown table and PNG plots
   visualize  MSLoRA's reweighting maps per stage over images (the paper's Fig. 1 and 3)
-  sweep    one config over the 19 VTAB-1k tasks, one table in the papers' layout"""
+  sweep    one config over the 19 VTAB-1k tasks, one table in the papers' layout
+  serve    trained adapters over HTTP (LitServe), many on one backbone, with a page to try them"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,7 @@ class DetectionWriter:
         """Record one batch's detections and draw its images."""
         for path, image, p in zip(paths, images, preds):
             k = self.ids[str(path)] = len(self.ids) + 1
-            keep = p["scores"] >= self.threshold
+            image, keep = draw_detections(image, p, self.threshold)
             boxes, scores = p["boxes"][keep], p["scores"][keep]
             labels = [lb for lb, kept in zip(p["labels"], keep.tolist()) if kept]
             masks = p["masks"][keep] if "masks" in p else None
@@ -111,10 +111,6 @@ class DetectionWriter:
                     rle = mask_utils.encode(np.asfortranarray(masks[i].numpy().astype(np.uint8)))
                     det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
                 self.results.append(det)
-            if masks is not None and len(masks):
-                image = draw_segmentation_masks(image, masks, alpha=0.4)
-            image = draw_bounding_boxes(image, boxes, [f"{lb} {s:.2f}" for lb, s in zip(labels, scores.tolist())],
-                                        width=2)
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(self.out / f"{k:05d}_{path.stem}.png")
 
     def finish(self) -> list[str]:
@@ -124,6 +120,28 @@ class DetectionWriter:
         (self.out / "categories.json").write_text(json.dumps([{"id": i + 1, "name": c}
                                                               for i, c in enumerate(self.classes)]))
         return []
+
+
+def draw_detections(image: torch.Tensor, pred: dict[str, Any], score_threshold: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image`` uint8 (3, H, W) with the detections scored at least ``score_threshold`` drawn (masks, then boxes
+    with label and score: torchvision's ``draw_segmentation_masks`` / ``draw_bounding_boxes``); returns (drawn
+    image, the (N,) bool mask of the detections kept)."""
+    keep = pred["scores"] >= score_threshold
+    labels = [lb for lb, kept in zip(pred["labels"], keep.tolist()) if kept]
+    if "masks" in pred and int(keep.sum()):
+        image = draw_segmentation_masks(image, pred["masks"][keep], alpha=0.4)
+    scores = pred["scores"][keep].tolist()
+    return draw_bounding_boxes(image, pred["boxes"][keep], [f"{lb} {s:.2f}" for lb, s in zip(labels, scores)],
+                               width=2), keep
+
+
+def overlay(image: torch.Tensor, label_map: torch.Tensor) -> tuple[Image.Image, Image.Image]:
+    """(the label map as a palette PNG image, index = class; the image uint8 (3, H, W) blended half and half with
+    the label map's colours)."""
+    labels = Image.fromarray(label_map.numpy().astype(np.uint8), mode="P")
+    labels.putpalette(palette())
+    return labels, Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()), labels.convert("RGB"), 0.5)
 
 
 def palette() -> list[int]:
@@ -145,17 +163,15 @@ class SegmentationWriter:
     """One label-map PNG (palette index = class) and one overlay PNG per image, written as the batches come."""
 
     def __init__(self, out: Path, classes: list[str], **_: Any) -> None:
-        self.out, self.colours, self.count = out, palette(), 0
+        self.out, self.count = out, 0
 
     def add(self, paths: list[Path], images: list[torch.Tensor], preds: list[dict[str, Any]]) -> None:
         """Write one batch's label maps and overlays."""
         for path, image, p in zip(paths, images, preds):
             self.count += 1
-            labels = Image.fromarray(p["label_map"].numpy().astype(np.uint8), mode="P")
-            labels.putpalette(self.colours)
+            labels, blended = overlay(image, p["label_map"])
             labels.save(self.out / f"{self.count:05d}_{path.stem}_labels.png")
-            rgb = Image.fromarray(image.permute(1, 2, 0).numpy())
-            Image.blend(rgb, labels.convert("RGB"), 0.5).save(self.out / f"{self.count:05d}_{path.stem}_overlay.png")
+            blended.save(self.out / f"{self.count:05d}_{path.stem}_overlay.png")
 
     def finish(self) -> list[str]:
         """Nothing left to write; no table."""
