@@ -107,5 +107,5 @@ def test_load_run_names_what_an_older_file_lacks(colours, tmp_path):
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="lacks preprocessing"):
         mslora.load_run(tmp_path / "old.safetensors")
-    with pytest.raises(ValueError, match="takes what mslora.load_run returns"):
+    with pytest.raises(ValueError, match="takes what mslora.load_run or mslora.load_runs returns"):
         mslora.predict(timm.create_model("test_resnet"), [np.zeros((8, 8, 3), np.uint8)])

@@ -54,6 +54,29 @@ def test_a_mixed_batch_equals_each_sample_alone(backbone, tmp_path):
             assert torch.allclose(shared(x), model(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backbone,options", [("resnet", {"rank": 4, "groups": 2}), ("vit", {"rank": 8}),
+                                              ("swin", {"rank": 8})])
+def test_alike_adapters_run_at_once_and_equal_each_alone(backbone, options, tmp_path):
+    """Three MSLoRA sets of one config (stacked and run in one vmap per site) and one other method's set."""
+    other = MIXABLE[backbone][1]
+    specs = [("mslora", options)] * 3 + [other]
+    alone = [trained(backbone, m, o, 3 + i, i, tmp_path / f"{i}.safetensors") for i, (m, o) in enumerate(specs)]
+    shared = make_model(backbone).eval()
+    for i, (_, path) in enumerate(alone):
+        mslora.load_adapter(shared, path, name=f"s{i}")
+    x = sample_input(shared, batch=9)
+    names = [f"s{i}" for i in (0, 1, 2, 3, 1, 0, 2, 2, 1)]
+    for grad in (False, True):  # with gradients: each set on its rows, no stacking
+        with torch.set_grad_enabled(grad), mslora.mixed_batch(shared, names):
+            mixed = shared(x).detach()
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                ref = alone[int(name[1:])][0](x[i:i + 1])[0]
+                assert torch.allclose(mixed[i, :len(ref)], ref, atol=1e-5, rtol=0)
+    stacked = [g[0].stacked for g in mslora.core.named.router(shared).groups.values() if hasattr(g[0], "stacked")]
+    assert stacked and all(s[2] is not None for s in stacked)  # every site with several alike sets ran stacked
+
+
 def test_n_adapters_hold_one_backbone(tmp_path):
     files = [trained("vit", m, o, 3 + i, i, tmp_path / f"{i}.safetensors")[1]
              for i, (m, o) in enumerate(MIXABLE["vit"])]

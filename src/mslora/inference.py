@@ -60,7 +60,7 @@ def load_run(run: str | Path, device: str | torch.device | None = None, dtype: t
     """
     task, model, meta = rebuild(run, workers=0)
     transforms = _inference(task, meta, run)
-    model = model.to(device=_device(device), dtype=dtype).eval()
+    model = _place(model, task.cfg, device, dtype)
     model.mslora_inference = (task, transforms)  # what predict() needs to take the model alone
     return Run(model, transforms, list(meta["classes"]))
 
@@ -93,16 +93,21 @@ def load_runs(runs: Mapping[str, str | Path], device: str | torch.device | None 
         infos[name] = (task, _inference(task, meta, run))
         if model is None:
             set_seed(cfg.seed)  # a random-init backbone is re-drawn as in training
-            model = task.backbone()
+            model, first = task.backbone(), cfg
         load_adapter(model, path, name=name)
-    model = model.to(device=_device(device), dtype=dtype).eval()
+    model = _place(model, first, device, dtype)
     model.mslora_inference = infos
     return model
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when PyTorch sees it, else CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _place(model: nn.Module, cfg: Any, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    """``model`` in eval mode on ``device`` (default CUDA when PyTorch sees it, else CPU) and ``dtype``, in the
+    memory format its run trained in (``cfg.channels_last``: oneDNN's depth-wise convolutions are several times
+    faster channels-last on CPU)."""
+    model = model.to(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), dtype=dtype)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
 
 
 def _inference(task: Any, meta: dict[str, Any], run: str | Path) -> Callable[[Any], torch.Tensor]:

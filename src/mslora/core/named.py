@@ -67,6 +67,7 @@ class Router:
         self.rows: dict[str, torch.Tensor] | None = None
         self.batch = 0
         self.pending: tuple | None = None  # while a set loads: (classifier, named sets set aside, active name)
+        self.groups: dict[tuple, list] = {}  # (hooks dict, hook kind, mode) -> the Routed hooks there, in order
 
     def rows_of(self, name: str, n: int) -> torch.Tensor | bool:
         """True: all ``n`` rows go through set ``name``; False: none; else the row indices (a feature tensor of
@@ -91,24 +92,128 @@ class Router:
 
 class Routed:
     """A set's adapter hook (:data:`ROUTABLE`) applied to that set's rows only (see :class:`Router`): as it is when
-    the whole batch is the set's, skipped when none of it is, else on the rows, written back out of place."""
+    the whole batch is the set's, skipped when none of it is, else on the rows, written back out of place.
 
-    def __init__(self, router: Router, name: str, hook: Any, pre: bool) -> None:
-        self.router, self.name, self.hook, self.pre = router, name, hook, pre
+    ``group``: the Routed hooks of every set at the same module and of the same kind (one list, shared). In a mixed
+    batch without gradients, the group's first hook runs the adapters of all sets present at once when they are alike
+    (:func:`fused`), and the others skip that call.
+    """
+
+    def __init__(self, router: Router, name: str, hook: Any, pre: bool, group: list) -> None:
+        self.router, self.name, self.hook, self.pre, self.group = router, name, hook, pre, group
+        self.skip = False
+        group.append(self)
 
     def __call__(self, module: nn.Module, args, output=None):
+        if self.skip:  # the group's first hook answered for this set already
+            self.skip = False
+            return None
+        changed = None
+        if self.router.rows is not None and self is self.group[0] and not torch.is_grad_enabled():
+            changed, done = fused(self.group, module, args, output)
+            if done:
+                return changed
+            if changed is not None:  # other sets' rows answered; this set's own rows below
+                args, output = (changed, output) if self.pre else (args, changed)
         x = args[0]
         rows = self.router.rows_of(self.name, x.shape[0])
         if rows is False:
-            return None
+            return changed
         if rows is True:
             return self.hook(module, args) if self.pre else self.hook(module, args, output)
         sub_args = (x.index_select(0, rows), *args[1:])
         if self.pre:
             new = self.hook(module, sub_args)
-            return None if new is None else (x.index_copy(0, rows, new[0]), *args[1:])
+            return changed if new is None else (x.index_copy(0, rows, new[0]), *args[1:])
         new = self.hook(module, sub_args, output.index_select(0, rows))
-        return None if new is None else output.index_copy(0, rows, new)
+        return changed if new is None else output.index_copy(0, rows, new)
+
+
+def alike(modules: list[nn.Module]) -> bool:
+    """Whether the modules compute the same function of their tensors: the same classes, submodule names,
+    parameter and buffer shapes, and plain attributes (layouts, scales, flags) throughout."""
+    def facts(m: nn.Module) -> list:
+        out = []
+        for name, sub in m.named_modules():
+            plain = {k: v for k, v in vars(sub).items() if not k.startswith("_") and k not in ("training", "kept")}
+            if any(torch.is_tensor(v) for v in plain.values()):
+                return [object()]  # a tensor attribute: never alike (compared by identity)
+            out.append((name, type(sub), plain, [(n, t.shape, t.dtype) for n, t in
+                                                 (*sub.named_parameters(recurse=False),
+                                                  *sub.named_buffers(recurse=False))]))
+        return out
+
+    first = facts(modules[0])
+    return all(facts(m) == first for m in modules[1:])
+
+
+def _state(tensors: list[torch.Tensor], adapters: list[nn.Module]) -> tuple:
+    """What tells that stacked copies of ``tensors`` went stale: their in-place versions (loading, optimiser steps)
+    and each adapter's device and dtype (``model.to``)."""
+    first = [next(a.parameters(), None) for a in adapters]
+    return (tuple(t._version for t in tensors), tuple((p.device, p.dtype) if p is not None else None for p in first))
+
+
+def _classes(group: list[Routed]) -> list[tuple[list[int], Any]]:
+    """The group's hooks in classes that can run at once: :class:`AdapterHook` s of one mode whose adapters are
+    :func:`alike`, each class of two or more with its stacked tensors (``torch.func.stack_module_state``)."""
+    from torch.func import stack_module_state
+
+    classes: list[list[int]] = []
+    for i, h in enumerate(group):
+        if not isinstance(h.hook, AdapterHook):
+            continue
+        for members in classes:
+            first = group[members[0]].hook
+            if first.mode == h.hook.mode and alike([first.adapter, h.hook.adapter]):
+                members.append(i)
+                break
+        else:
+            classes.append([i])
+    return [(m, stack_module_state([group[i].hook.adapter for i in m])) for m in classes if len(m) > 1]
+
+
+def fused(group: list[Routed], module: nn.Module, args, output) -> tuple[Any, bool]:
+    """Run each class of alike adapter hooks in the group (:func:`_classes`) at once over the rows of its sets
+    present: one ``torch.func.vmap`` over the sets of ``functional_call`` on their rows, padded to the largest set's
+    count, with the sets' stacked tensors (kept until they change: :func:`_state`). The other hooks of those classes
+    skip this call. Returns (the new output, or input for a pre-hook, or None when no class ran; whether the group's
+    first hook's set was among those answered)."""
+    from torch.func import functional_call, vmap
+
+    r = group[0].router
+    adapters = [getattr(h.hook, "adapter", None) for h in group]
+    cache = getattr(group[0], "stacked", None)  # (tensors, their state, classes)
+    if cache is None or cache[1] != _state(cache[0], adapters):
+        tensors = [t for a in adapters if a is not None for t in (*a.parameters(), *a.buffers())]
+        group[0].stacked = cache = (tensors, _state(tensors, adapters), _classes(group))
+    new, done = None, False
+    for members, (params, buffers) in cache[2]:
+        here = [k for k, i in enumerate(members) if group[i].name in r.rows]
+        if len(here) < 2:
+            continue
+        mode = group[members[0]].hook.mode
+        x = (output if new is None else new) if mode == "output" else args[0] if new is None or mode != "input" \
+            else new[0]
+        rows = [r.rows_of(group[members[k]].name, x.shape[0]) for k in here]
+        idx = torch.cat(rows)
+        which = torch.cat([torch.full((len(rw),), k, device=x.device) for k, rw in enumerate(rows)])
+        pos = torch.cat([torch.arange(len(rw), device=x.device) for rw in rows])
+        padded = x.new_zeros((len(here), max(len(rw) for rw in rows), *x.shape[1:]))
+        padded[which, pos] = x.index_select(0, idx)
+        sel = torch.tensor(here, device=x.device)
+        p, b = ({k: v.index_select(0, sel) for k, v in d.items()} for d in (params, buffers))
+        template = adapters[members[0]]
+        y = vmap(lambda p, b, xs: functional_call(template, (p, b), (xs,)))(p, b, padded)[which, pos]
+        if mode == "input":
+            new = (x.index_copy(0, idx, y), *args[1:])
+        else:
+            out = output if new is None else new
+            new = out.index_copy(0, idx, out.index_select(0, idx) + y if mode == "parallel" else y)
+        for k in here:
+            group[members[k]].skip = members[k] != 0
+        done = done or members[here[0]] == 0
+    return new, done
 
 
 class RoutedHead(nn.Module):
@@ -207,13 +312,15 @@ def _hooks(rec: Adaptation) -> list[Any]:
 
 
 def _route_hooks(rec: Adaptation, r: Router, name: str) -> None:
-    """Wrap every adapter hook of ``rec`` in a :class:`Routed` hook for set ``name``, in place."""
+    """Wrap every adapter hook of ``rec`` in a :class:`Routed` hook for set ``name``, in place, each in the group of
+    its module's hooks of the same kind (``r.groups``)."""
     for handle in rec.handles:
         hooks = handle.hooks_dict_ref()
         hook = hooks.get(handle.id) if hooks is not None else None
         if isinstance(hook, ROUTABLE):
             pre = isinstance(hook, KeepInput) or (isinstance(hook, AdapterHook) and hook.mode == "input")
-            hooks[handle.id] = Routed(r, name, hook, pre)
+            group = r.groups.setdefault((id(hooks), type(hook).__name__, getattr(hook, "mode", None)), [])
+            hooks[handle.id] = Routed(r, name, hook, pre, group)
 
 
 def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
