@@ -77,6 +77,33 @@ def test_alike_adapters_run_at_once_and_equal_each_alone(backbone, options, tmp_
     assert stacked and all(s[2] is not None for s in stacked)  # every site with several alike sets ran stacked
 
 
+@pytest.mark.parametrize("backbone", ["resnet", "vit", "swin"])
+def test_lora_sets_mix_through_peft_adapter_names(backbone, tmp_path):
+    """Two LoRA sets (PEFT layers holding both, fed adapter_names per row: Swin's window attention has B x windows
+    rows) and a feature-space set, mixed, equal to each alone."""
+    specs = [("lora", {"rank": 2}), ("lora", {"rank": 4, "alpha": 8.0}), MIXABLE[backbone][0]]
+    alone = [trained(backbone, m, o, 3 + i, i, tmp_path / f"{i}.safetensors") for i, (m, o) in enumerate(specs)]
+    shared = make_model(backbone).eval()
+    for i, (_, path) in enumerate(alone):
+        mslora.load_adapter(shared, path, name=f"s{i}")
+    x = sample_input(shared, batch=6)
+    names = [f"s{i}" for i in (2, 0, 1, 1, 0, 2)]
+    with torch.no_grad(), mslora.mixed_batch(shared, names):
+        mixed = shared(x)
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            ref = alone[int(name[1:])][0](x[i:i + 1])[0]  # ResNet's random LoRA sets give logits near 20: relative
+            assert torch.allclose(mixed[i, :len(ref)], ref, atol=1e-5, rtol=1e-5)
+        for k, (model, _) in enumerate(alone):
+            mslora.set_adapter(shared, f"s{k}")
+            assert torch.allclose(shared(x), model(x), atol=1e-5, rtol=0)
+    _, dora = trained(backbone, "dora", {"rank": 2}, 3, 9, tmp_path / "dora.safetensors")
+    with pytest.raises(ValueError, match="PEFT cannot mix 'dora' adapters in a batch"):
+        mslora.load_adapter(shared, dora, name="d")
+    with torch.no_grad(), mslora.mixed_batch(shared, names):  # the LoRA sets' layers keep their adapters
+        assert torch.equal(shared(x), mixed)
+
+
 def test_n_adapters_hold_one_backbone(tmp_path):
     files = [trained("vit", m, o, 3 + i, i, tmp_path / f"{i}.safetensors")[1]
              for i, (m, o) in enumerate(MIXABLE["vit"])]
@@ -89,8 +116,8 @@ def test_n_adapters_hold_one_backbone(tmp_path):
     assert numel == sum(t.numel() for t in backbone.values()) + adapters
 
 
-@pytest.mark.parametrize("method,options", [("vpt", {"num_tokens": 2}), ("rlrr", {}), ("bitfit", {}),
-                                            ("lora", {"rank": 2}), ("ssf", {})])
+@pytest.mark.parametrize("method,options", [("vpt", {"num_tokens": 2}), ("rlrr", {}), ("bitfit", {}), ("ssf", {}),
+                                            ("dora", {"rank": 2}), ("pissa", {"rank": 2}), ("hira", {"rank": 2})])
 def test_methods_that_change_the_shared_backbone_refuse_to_share_it(method, options, tmp_path):
     _, feature = trained("vit", "mslora", {"rank": 8}, 3, 0, tmp_path / "a.safetensors")
     _, other = trained("vit", method, options, 5, 1, tmp_path / "b.safetensors")
@@ -101,7 +128,8 @@ def test_methods_that_change_the_shared_backbone_refuse_to_share_it(method, opti
         with torch.no_grad():
             before = shared(x)
         keys = set(shared.state_dict())
-        with pytest.raises(ValueError, match=f"'{method}' (changes what every sample shares|acts through hooks)"):
+        with pytest.raises(ValueError, match=f"(PEFT cannot mix )?'{method}' (adapters in a batch|changes what every "
+                                             "sample shares|acts through hooks)"):
             mslora.load_adapter(shared, second, name="second")
         with torch.no_grad():
             assert torch.equal(shared(x), before)  # nothing of the refused set stays

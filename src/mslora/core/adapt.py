@@ -270,6 +270,7 @@ def load_adapter(model: nn.Module, path: str | Path, strict_backbone: bool = Tru
                          "(written by another version of mslora?)")
     if name is not None:
         named.begin(model, tensors, name)
+        tensors = named.peft_names(tensors, name)
     try:
         if adaptation(model) is None:
             check_backbone(model, meta, path, strict_backbone)
@@ -279,8 +280,23 @@ def load_adapter(model: nn.Module, path: str | Path, strict_backbone: bool = Tru
             named.finish(model, path, meta, name)
     except Exception:
         if name is not None:  # the model as it was: its other sets intact
-            if adaptation(model) is not None:
-                unadapt(model)
-            named.abort(model)
+            _undo_named(model, name)
         raise
     return model
+
+
+def _undo_named(model: nn.Module, name: str) -> None:
+    """Remove the set ``name`` whose loading failed (:func:`unadapt`, but with other sets' PEFT layers kept: only its
+    own adapters leave them) and put the model's named sets back (:func:`mslora.core.named.abort`)."""
+    rec = adaptation(model)
+    if rec is not None and get_method(rec.method).undo is not None and named.router(model).sets:
+        named.drop_peft(model, name)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for plain, value in rec.originals.items():  # PiSSA's rewritten weights, under a wrapper or not
+                head, _, tail = plain.rpartition(".")
+                params.get(plain, params.get(f"{head}.base_layer.{tail}")).copy_(value)
+        _strip(model, rec)
+    elif rec is not None:
+        unadapt(model)
+    named.abort(model)

@@ -16,7 +16,9 @@ cannot be mixed: such a set loads only on a model of its own.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +31,12 @@ from mslora.core.layout import record_image_size
 from mslora.core.state import Adaptation, adaptation
 
 ROUTABLE = (AdapterHook, KeepInput, AddBranch)  # hooks that act on each sample's rows alone
+_LOADING: ContextVar[str | None] = ContextVar("mslora_named_loading", default=None)
+
+
+def loading() -> str | None:
+    """The name of the set being loaded, or None: PEFT-based methods inject their layers under it."""
+    return _LOADING.get()
 NEUTRAL = (keep_eval, record_image_size)  # hooks every set registers that do not depend on the set
 
 
@@ -68,13 +76,14 @@ class Router:
         self.batch = 0
         self.pending: tuple | None = None  # while a set loads: (classifier, named sets set aside, active name)
         self.groups: dict[tuple, list] = {}  # (hooks dict, hook kind, mode) -> the Routed hooks there, in order
+        self.names: list[str] = []  # while mixed_batch runs: each sample's set
+        self.peft_layers: set[int] = set()  # PEFT layers given adapter_names per row (PeftRoute)
 
     def rows_of(self, name: str, n: int) -> torch.Tensor | bool:
-        """True: all ``n`` rows go through set ``name``; False: none; else the row indices (a feature tensor of
-        leading dim ``n = k B`` gives sample i the rows i k ... i k + k - 1).
+        """True: all ``n`` rows go through set ``name``; False: none; else the row indices (:meth:`rows_per_sample`).
 
         Raises:
-            ValueError: ``n`` is not a multiple of the batch size (a layout the routing cannot split by sample).
+            ValueError: ``n`` is not a multiple of the batch size.
         """
         if self.rows is None:
             return name == self.active
@@ -83,11 +92,37 @@ class Router:
             return False
         if len(idx) == self.batch:
             return True
+        k = self.rows_per_sample(n)
+        return idx if k == 1 else (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)
+
+    def rows_per_sample(self, n: int) -> int:
+        """k of a feature tensor of leading dim ``n = k B`` (sample i has rows i k ... i k + k - 1).
+
+        Raises:
+            ValueError: ``n`` is not a multiple of the batch size (a layout the routing cannot split by sample).
+        """
         if n % self.batch:
             raise ValueError(f"a feature tensor of leading size {n} does not split into the batch's {self.batch} "
                              "samples: this site cannot be routed per sample")
-        k = n // self.batch
-        return idx if k == 1 else (idx[:, None] * k + torch.arange(k, device=idx.device)).reshape(-1)
+        return n // self.batch
+
+    def row_names(self, n: int) -> list[str]:
+        """Each of ``n`` rows' set name, for PEFT's ``adapter_names`` (``"__base__"``: no adapter), rows split as
+        :meth:`rows_of` splits them."""
+        if self.rows is None:
+            return [self.active or "__base__"] * n
+        return [name for name in self.names for _ in range(self.rows_per_sample(n))]
+
+
+class PeftRoute:
+    """Forward pre-hook (with kwargs) of a PEFT layer holding several sets' adapters: PEFT's own mixed-batch
+    mechanism, ``adapter_names`` with each row's set (PEFT's LoRA layers skip names they do not hold)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def __call__(self, module: nn.Module, args, kwargs):
+        return args, {**kwargs, "adapter_names": self.router.row_names(args[0].shape[0])}
 
 
 class Routed:
@@ -279,16 +314,51 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
                          f"it has: {', '.join(r.sets) if r else '(none)'}")
     names, device = list(adapter_names), next(model.parameters()).device
     rows = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device) for n in dict.fromkeys(names)}
-    r.rows, r.batch = rows, len(names)
+    r.rows, r.batch, r.names = rows, len(names), names
     try:
         yield model
     finally:
-        r.rows, r.batch = None, 0
+        r.rows, r.batch, r.names = None, 0, []
 
 
-def mix_refusal(model: nn.Module, rec: Adaptation) -> str | None:
-    """Why the adaptation ``rec`` just made on ``model`` cannot share the backbone with other sets, or None."""
-    outside = sorted(n for n in rec.added if not n.startswith(ADAPTERS + "."))
+def peft_layers(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """The PEFT layers of ``model`` holding an adapter named ``name``, by qualified name."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # PEFT takes seconds to import: only when a set loads
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)
+            and name in getattr(m, m.adapter_layer_names[0], {})]
+
+
+def peft_names(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """An adapter file's PEFT tensors (``...lora_A.default.weight``) under the set's name (``...lora_A.<name>...``)."""
+    rx = re.compile(r"(\.(?:lora|hira)_\w+)\.default(?=\.|$)")
+    return {rx.sub(rf"\1.{name}", k): v for k, v in tensors.items()}
+
+
+def drop_peft(model: nn.Module, name: str) -> None:
+    """Take set ``name``'s adapters out of the PEFT layers (PEFT's ``delete_adapter``), and a layer that holds no
+    other set's back to its base layer."""
+    for qual, layer in peft_layers(model, name):
+        if len(getattr(layer, layer.adapter_layer_names[0])) > 1:
+            layer.delete_adapter(name)
+        else:
+            parent, _, child = qual.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+
+
+def mix_refusal(model: nn.Module, rec: Adaptation, name: str) -> str | None:
+    """Why the adaptation ``rec`` just made on ``model`` as set ``name`` cannot share the backbone with other sets,
+    or None. PEFT layers can, where PEFT mixes them in a batch (its ``_mixed_batch_forward``, and its own check of
+    ``adapter_names``: LoRA on Linear and Conv2d, not DoRA)."""
+    own = re.compile(rf"\.(lora|hira)_\w+\.{re.escape(name)}(\.|$)")
+    outside = sorted(n for n in rec.added if not n.startswith(ADAPTERS + ".") and not own.search(n))
+    for layer_name, layer in peft_layers(model, name) if len(outside) < len(rec.added) else ():
+        try:
+            if not hasattr(layer, "_mixed_batch_forward"):
+                raise TypeError(f"{type(layer).__name__} layers have no mixed-batch forward")
+            layer._check_forward_args(torch.empty(1), adapter_names=[name])
+        except (TypeError, ValueError) as e:
+            return f"PEFT cannot mix '{rec.method}' adapters in a batch ('{layer_name}': {e})"
     if outside or rec.originals:
         changed = (outside or sorted(rec.originals))[0]
         return (f"'{rec.method}' changes what every sample shares, the backbone's own layers or weights "
@@ -365,6 +435,7 @@ def begin(model: nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None
     aside = model._modules.pop(ADAPTERS, None)
     r.pending = (getattr(parent, attr), aside, r.active)  # what abort() puts back
     r.active = None  # no set's hooks run while the new one is placed
+    _LOADING.set(name)
     model.reset_classifier(width.shape[0])
     p = next(model.parameters())
     parent, attr = _head_slot(model)
@@ -381,11 +452,16 @@ def finish(model: nn.Module, path: str | Path, meta: dict[str, Any], name: str) 
     r = router(model)
     original, aside, active = r.pending
     rec = adaptation(model)
-    reason = mix_refusal(model, rec)
+    reason = mix_refusal(model, rec, name)
     if reason and r.sets:
         raise NotMixable(f"adapter '{name}' cannot share this model with {', '.join(r.sets)}: {reason}; load it on "
                          "a model of its own")
     _route_hooks(rec, r, name)
+    for _, layer in peft_layers(model, name) if reason is None else ():
+        if id(layer) not in r.peft_layers:
+            r.peft_layers.add(id(layer))
+            layer.register_forward_pre_hook(PeftRoute(r), with_kwargs=True)
+    _LOADING.set(None)
     parent, attr = _head_slot(model)
     head = getattr(parent, attr)
     routed = original if isinstance(original, RoutedHead) else RoutedHead(r)
@@ -405,6 +481,7 @@ def abort(model: nn.Module) -> None:
     the named sets, the classifier and the active set put back."""
     r = router(model)
     original, aside, r.active = r.pending
+    _LOADING.set(None)
     parent, attr = _head_slot(model)
     setattr(parent, attr, original)
     if aside is not None:

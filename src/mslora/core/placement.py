@@ -126,6 +126,9 @@ def _inner_site(model: nn.Module, block: str) -> tuple[str, bool]:
     return block, False
 
 
+PEFT_PARTS = ("lora_", "hira_")  # PEFT's per-adapter containers inside a wrapped layer
+
+
 def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules: str | None = None,
                      keep=lambda m: True) -> list[str]:
     """Names of modules of ``types`` (and passing ``keep``) inside the blocks of :func:`blocks`, or matching the
@@ -140,7 +143,11 @@ def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules:
     else:
         prefixes = tuple(b + "." for b in blocks(model))
         inside = lambda n: n.startswith(prefixes)  # noqa: E731
-    names = [n for n, m in model.named_modules() if isinstance(m, types) and keep(m) and inside(n)]
+    # A model holding named adapter sets with PEFT layers (mslora.core.named): a wrapped layer counts by its own
+    # name (PEFT adds another adapter to it), the adapters' own layers (lora_A, ...) not at all.
+    plain = ((n.removesuffix(".base_layer"), m) for n, m in model.named_modules()
+             if not any(part.startswith(PEFT_PARTS) for part in n.split(".")))
+    names = [n for n, m in plain if isinstance(m, types) and keep(m) and inside(n)]
     if not names:
         where = f"matches target_modules={target_modules!r}" if target_modules else "is inside its blocks"
         raise ValueError(f"no {'/'.join(t.__name__ for t in types)} module of {type(model).__name__} {where}")

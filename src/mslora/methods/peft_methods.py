@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mslora.core.named import loading
 from mslora.core.placement import modules_in_blocks
 from mslora.methods.options import option, positive_int, probability
 from mslora.registry import register
@@ -67,9 +68,11 @@ def default_targets(model: nn.Module, cfg: LoRAConfig | HiRAConfig, pointwise: b
 
 
 def _inject(model: nn.Module, peft_config) -> None:
+    """PEFT's injection, under the name of the named set being loaded (``mslora.core.named.loading``), else PEFT's
+    ``default``."""
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(peft_config, model)
+    inject_adapter_in_model(peft_config, model, adapter_name=loading() or "default")
 
 
 def undo_peft(model: nn.Module, cfg=None) -> None:
