@@ -1,6 +1,7 @@
 """mslora serve: a real LitServe server in a subprocess on localhost, answering as mslora.predict does, for
 concurrent requests to different adapters (batched together), with clear 400s; and its page in headless Chromium."""
 import base64
+import io
 import json
 import os
 import shutil
@@ -14,8 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import mslora
+from mslora.cli import main
 
 pytest.importorskip("litserve", reason="mslora serve needs the serve extra (pip install -e '.[serve]')")
 
@@ -129,3 +133,28 @@ def test_the_page_uploads_an_image_and_shows_the_answer(server, two_runs, tmp_pa
             shutil.copy(tmp_path / "page.png", os.environ["MSLORA_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+def test_detection_and_segmentation_answers_are_json_with_drawn_images():
+    from mslora.tools.serve import encode  # imports LitServe
+
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    det = {"boxes": torch.tensor([[1.0, 2.0, 10.0, 12.0], [0.0, 0.0, 5.0, 5.0]]), "scores": torch.tensor([0.9, 0.2]),
+           "labels": ["cat", "dog"], "masks": torch.zeros(2, 20, 30, dtype=torch.bool)}
+    out = encode("detect", ["cat", "dog"], image, det, 5, 0.5, draw=True)
+    assert out["boxes"] == [[1.0, 2.0, 10.0, 12.0]] and out["labels"] == ["cat"] and out["scores"] == [
+        pytest.approx(0.9)]
+    assert Image.open(io.BytesIO(base64.b64decode(out["image_png"]))).size == (30, 20)
+    label_map = torch.zeros(20, 30, dtype=torch.long)
+    label_map[5:, :] = 2
+    out = encode("segment", ["bg", "a", "b"], image, {"label_map": label_map}, 5, 0.5, draw=False)
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["label_map_png"]))))
+    assert out["classes_present"] == ["bg", "b"] and (decoded == label_map.numpy()).all() and "image_png" not in out
+    json.dumps(out)
+
+
+def test_the_cli_says_what_is_wrong_with_an_adapter_argument(tmp_path, capsys):
+    assert main(["serve", "--adapter", "no-equals-sign"]) == 2
+    assert "--adapter 'no-equals-sign' must be NAME=RUN" in capsys.readouterr().err
+    assert main(["serve", "--adapter", f"a={tmp_path / 'missing'}"]) == 2
+    assert "missing" in capsys.readouterr().err
