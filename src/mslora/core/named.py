@@ -7,12 +7,14 @@ Each named set's modules live in ``model.adapters[name]`` (keyed by site inside,
 applies it to its own set's samples only: rows of a (B, ...) feature tensor, or the B consecutive groups of rows of
 a (k B, ...) one (Swin's windows, batch-major). So a mixed batch runs the frozen backbone once and equals each
 sample run alone under its own adapter (up to float rounding), and N adapters cost N adapters' tensors, not N
-backbones. PEFT's multi-adapter LoRA layers are the model for the API (``adapter_names``, ``set_adapter``); the
-per-sample routing is ours because our feature-space adapters live in hooks, which PEFT does not know.
+backbones. Where several sets' adapters at one site are alike, a mixed batch runs them at once (:func:`fused`).
+PEFT's multi-adapter LoRA layers are the model for the API (``adapter_names``, ``set_adapter``), and LoRA sets use
+them: one PEFT layer holds every set's LoRA, fed each row's set (:class:`PeftRoute`). The routing of our
+feature-space adapters is ours because they live in hooks, which PEFT does not know.
 
-Methods that change what every sample shares (the backbone's weights or layers: RLRR, SSF, BitFit, PiSSA, LoRA and
-the other PEFT methods, full fine-tuning) or hooks that are not per-sample (VPT's prompts change the token count)
-cannot be mixed: such a set loads only on a model of its own.
+Methods that change what every sample shares (the backbone's weights: RLRR, SSF, BitFit, PiSSA, full fine-tuning),
+PEFT layers PEFT cannot mix (DoRA, HiRA) and hooks that are not per-sample (VPT's prompts change the token count)
+cannot share the backbone with other sets: such a set loads alone (:func:`mix_refusal`).
 """
 from __future__ import annotations
 
@@ -31,13 +33,13 @@ from mslora.core.layout import record_image_size
 from mslora.core.state import Adaptation, adaptation
 
 ROUTABLE = (AdapterHook, KeepInput, AddBranch)  # hooks that act on each sample's rows alone
+NEUTRAL = (keep_eval, record_image_size)  # hooks every set registers that do not depend on the set
 _LOADING: ContextVar[str | None] = ContextVar("mslora_named_loading", default=None)
 
 
 def loading() -> str | None:
     """The name of the set being loaded, or None: PEFT-based methods inject their layers under it."""
     return _LOADING.get()
-NEUTRAL = (keep_eval, record_image_size)  # hooks every set registers that do not depend on the set
 
 
 @dataclass
@@ -305,7 +307,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     (:class:`RoutedHead`).
 
     Raises:
-        ValueError: a name the model does not have, or a set that cannot be mixed (its reason).
+        ValueError: a name the model does not have (sets that cannot share a batch were refused when they loaded).
     """
     r = router(model)
     unknown = sorted({n for n in adapter_names if r is None or n not in r.sets})

@@ -153,8 +153,8 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     rec = adaptation(model)
     head = rec.head if rec else tuple(head_module(model))
     added = rec.added if rec else frozenset()
-    for named in getattr(getattr(model, "mslora_router", None), "sets", {}).values():  # named sets' PEFT tensors
-        added = added | named.record.added
+    for other in getattr(getattr(model, "mslora_router", None), "sets", {}).values():  # named sets' PEFT tensors
+        added = added | other.record.added
     originals = rec.originals if rec else {}
     out = {}
     for name, t in model.state_dict().items():
