@@ -16,10 +16,9 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from PIL import Image
 from torch import nn
-
-from accelerate.utils import set_seed
 
 from mslora.core.adapt import load_adapter
 from mslora.core.named import mixed_batch, router

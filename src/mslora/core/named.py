@@ -238,8 +238,11 @@ def fused(group: list[Routed], module: nn.Module, args, output) -> tuple[Any, bo
         pos = torch.cat([torch.arange(len(rw), device=x.device) for rw in rows])
         padded = x.new_zeros((len(here), max(len(rw) for rw in rows), *x.shape[1:]))
         padded[which, pos] = x.index_select(0, idx)
-        sel = torch.tensor(here, device=x.device)
-        p, b = ({k: v.index_select(0, sel) for k, v in d.items()} for d in (params, buffers))
+        if len(here) == len(members):  # every set of the class present: the stacks as they are
+            p, b = params, buffers
+        else:
+            sel = torch.tensor(here, device=x.device)
+            p, b = ({k: v.index_select(0, sel) for k, v in d.items()} for d in (params, buffers))
         template = adapters[members[0]]
         y = vmap(lambda p, b, xs: functional_call(template, (p, b), (xs,)))(p, b, padded)[which, pos]
         if mode == "input":

@@ -200,9 +200,9 @@ def serve(runs: dict[str, str], host: str = "127.0.0.1", port: int = 8000, worke
     """
     if not runs:
         raise ValueError("serve needs at least one --adapter NAME=RUN")
-    if workers < 1 or max_batch_size < 1 or batch_timeout < 0:
-        raise ValueError(f"workers={workers} and max_batch_size={max_batch_size} must be positive, batch_timeout="
-                         f"{batch_timeout} not negative")
+    if workers < 1 or max_batch_size < 1 or top_k < 1 or batch_timeout < 0:
+        raise ValueError(f"workers={workers}, max_batch_size={max_batch_size} and top_k={top_k} must be positive, "
+                         f"batch_timeout={batch_timeout} not negative")
     info = describe(runs)
     api = AdapterAPI(runs, info, top_k, score_threshold, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     accelerator = "cpu" if device == "cpu" else ("cuda" if device.startswith("cuda") else "auto")
