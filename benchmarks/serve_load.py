@@ -10,7 +10,8 @@ The four adapters are the main job's recipe (MSLoRA rank 32 on the frozen ImageN
 64 px) trained one epoch each with seeds 0-3 (``--runs``, default ~/.cache/mslora/serve-bench; trained there when
 missing: a few minutes); their accuracy does not matter here, only what serving them costs. Requests are Fashion-MNIST
 test images (PNG, base64 JSON) from a thread-pool client on the same machine, ``--concurrency`` in flight, after 32
-warm-up requests; every server runs one inference worker, batches up to 16 requests within 10 ms. Memory: resident
+warm-up requests; every server runs one inference worker, batches up to 16 requests within 10 ms. A and B run
+``--rounds`` times, alternating, and the median round of each is kept (all rounds are recorded); C runs once. Memory: resident
 (RSS) and unique (USS) memory summed over each setup's processes (LitServe's main, API and inference processes)
 after the load. Results are appended to benchmarks/results/serve_load_cpu.json and printed. Run it alone: the client
 shares the cores with the servers, and any other process changes the numbers.
@@ -143,6 +144,12 @@ def setup(label: str, servers: list[dict[str, str]], images: list[str], requests
     return result
 
 
+def median_row(rows: list[dict]) -> dict:
+    """The round with the median requests/s (its latencies and memory with it), and how many rounds there were."""
+    row = sorted(rows, key=lambda r: r["req_per_s"])[len(rows) // 2]
+    return {**row, "rounds": len(rows), "req_per_s_all": [r["req_per_s"] for r in rows]}
+
+
 def tensors_held(runs: dict[str, str]) -> list[dict]:
     """Parameter and buffer megabytes of one model with 1-4 named adapters against 1-4 separate models."""
     import mslora
@@ -165,16 +172,23 @@ def main() -> None:
     p.add_argument("--runs", default=str(Path.home() / ".cache" / "mslora" / "serve-bench"))
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of A and B (the median is kept)")
     a = p.parse_args()
     runs = ensure_runs(Path(a.runs))
     images = payloads()
-    rows = [setup("A: 1 adapter, 1 process", [{"a": runs["a"]}], images, a.requests, a.concurrency),
-            setup("B: 4 adapters on one backbone, 1 process", [runs], images, a.requests, a.concurrency),
+    rounds = {"A": [], "B": []}
+    for _ in range(a.rounds):  # A and B alternate: this machine's speed drifts between runs
+        rounds["A"].append(setup("A: 1 adapter, 1 process", [{"a": runs["a"]}], images, a.requests, a.concurrency))
+        rounds["B"].append(setup("B: 4 adapters on one backbone, 1 process", [runs], images, a.requests,
+                                 a.concurrency))
+    rows = [median_row(rounds["A"]), median_row(rounds["B"]),
             setup("C: 4 processes of 1 adapter", [{n: r} for n, r in runs.items()], images, a.requests,
                   a.concurrency)]
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": psutil.cpu_count(), "concurrency": a.concurrency,
-              "setups": rows, "tensors": tensors_held(runs),
+              "setups": rows, "rounds": rounds, "tensors": tensors_held(runs),
               "b_over_a_req_per_s": round(rows[1]["req_per_s"] / rows[0]["req_per_s"], 2),
+              "b_over_a_per_round": [round(b["req_per_s"] / x["req_per_s"], 2)
+                                     for x, b in zip(rounds["A"], rounds["B"])],
               "b_over_c_rss": round(rows[1]["rss_mb"] / rows[2]["rss_mb"], 2),
               "b_over_c_uss": round(rows[1]["uss_mb"] / rows[2]["uss_mb"], 2)}
     history = json.loads(OUT.read_text()) if OUT.exists() else []
