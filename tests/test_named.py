@@ -54,12 +54,13 @@ def test_a_mixed_batch_equals_each_sample_alone(backbone, tmp_path):
             assert torch.allclose(shared(x), model(x), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backbone,options", [("resnet", {"rank": 4, "groups": 2}), ("vit", {"rank": 8}),
-                                              ("swin", {"rank": 8})])
-def test_alike_adapters_run_at_once_and_equal_each_alone(backbone, options, tmp_path):
-    """Three MSLoRA sets of one config (stacked and run in one vmap per site) and one other method's set."""
+@pytest.mark.parametrize("backbone,method,options", [("resnet", "mslora", {"rank": 4, "groups": 2}),
+                                                     ("vit", "mslora", {"rank": 8}), ("swin", "mslora", {"rank": 8}),
+                                                     ("resnet", "conv_adapter", {})])  # hooks beside the site
+def test_alike_adapters_run_at_once_and_equal_each_alone(backbone, method, options, tmp_path):
+    """Three sets of one method and config (stacked and run in one vmap per site) and one other method's set."""
     other = MIXABLE[backbone][1]
-    specs = [("mslora", options)] * 3 + [other]
+    specs = [(method, options)] * 3 + [other]
     alone = [trained(backbone, m, o, 3 + i, i, tmp_path / f"{i}.safetensors") for i, (m, o) in enumerate(specs)]
     shared = make_model(backbone).eval()
     for i, (_, path) in enumerate(alone):

@@ -192,17 +192,16 @@ def _state(tensors: list[torch.Tensor], adapters: list[nn.Module]) -> tuple:
 
 
 def _classes(group: list[Routed]) -> list[tuple[list[int], Any]]:
-    """The group's hooks in classes that can run at once: :class:`AdapterHook` s of one mode whose adapters are
-    :func:`alike`, each class of two or more with its stacked tensors (``torch.func.stack_module_state``)."""
+    """The group's hooks in classes that can run at once: :class:`AdapterHook` s whose adapters are :func:`alike`,
+    each class of two or more with its stacked tensors (``torch.func.stack_module_state``)."""
     from torch.func import stack_module_state
 
     classes: list[list[int]] = []
     for i, h in enumerate(group):
         if not isinstance(h.hook, AdapterHook):
             continue
-        for members in classes:
-            first = group[members[0]].hook
-            if first.mode == h.hook.mode and alike([first.adapter, h.hook.adapter]):
+        for members in classes:  # (the group's hooks share one mode)
+            if alike([group[members[0]].hook.adapter, h.hook.adapter]):
                 members.append(i)
                 break
         else:
@@ -224,14 +223,16 @@ def fused(group: list[Routed], module: nn.Module, args, output) -> tuple[Any, bo
     if cache is None or cache[1] != _state(cache[0], adapters):
         tensors = [t for a in adapters if a is not None for t in (*a.parameters(), *a.buffers())]
         group[0].stacked = cache = (tensors, _state(tensors, adapters), _classes(group))
-    new, done = None, False
+    if not cache[2]:
+        return None, False
+    mode = group[0].hook.mode  # one AdapterHook mode per group (Router.groups)
+    target = args[0] if mode == "input" else output  # what the hooks replace, updated class by class
+    ran, done = False, False
     for members, (params, buffers) in cache[2]:
         here = [k for k, i in enumerate(members) if group[i].name in r.rows]
         if len(here) < 2:
             continue
-        mode = group[members[0]].hook.mode
-        x = (output if new is None else new) if mode == "output" else args[0] if new is None or mode != "input" \
-            else new[0]
+        x = args[0] if mode == "parallel" else target
         rows = [r.rows_of(group[members[k]].name, x.shape[0]) for k in here]
         idx = torch.cat(rows)
         which = torch.cat([torch.full((len(rw),), k, device=x.device) for k, rw in enumerate(rows)])
@@ -245,15 +246,13 @@ def fused(group: list[Routed], module: nn.Module, args, output) -> tuple[Any, bo
             p, b = ({k: v.index_select(0, sel) for k, v in d.items()} for d in (params, buffers))
         template = adapters[members[0]]
         y = vmap(lambda p, b, xs: functional_call(template, (p, b), (xs,)))(p, b, padded)[which, pos]
-        if mode == "input":
-            new = (x.index_copy(0, idx, y), *args[1:])
-        else:
-            out = output if new is None else new
-            new = out.index_copy(0, idx, out.index_select(0, idx) + y if mode == "parallel" else y)
+        target = target.index_copy(0, idx, target.index_select(0, idx) + y if mode == "parallel" else y)
         for k in here:
             group[members[k]].skip = members[k] != 0
-        done = done or members[here[0]] == 0
-    return new, done
+        ran, done = True, done or members[here[0]] == 0
+    if not ran:
+        return None, False
+    return ((target, *args[1:]) if mode == "input" else target), done
 
 
 class RoutedHead(nn.Module):
