@@ -110,3 +110,26 @@ def test_tokens_layout_rejects_non_grid():
 def test_bad_layout_name():
     with pytest.raises(ValueError, match="layout='nwhc'"):
         Layout("nwhc")
+
+
+@pytest.mark.parametrize("opts,layout,memory", [
+    ({}, Layout(), torch.contiguous_format), ({}, Layout(), torch.channels_last),
+    (dict(global_pool=True, gate=True, channel_shuffle=True, input_norm=True), Layout(), torch.channels_last),
+    (dict(enhance=False, groups=1, kernel_sizes=(3,)), Layout("nhwc"), torch.contiguous_format),
+    (dict(input_norm=True), Layout("tokens", num_prefix_tokens=1, grid_size=(6, 5)), torch.contiguous_format)])
+def test_stacked_forward_equals_each_row_through_its_own_module(opts, layout, memory):
+    """forward_stacked (a mixed batch of several named MSLoRA sets) = each row through its own module."""
+    gen = torch.Generator().manual_seed(0)
+    modules = [MSLoRA(16, rank=8, zero_init=False, layout=layout, **opts) for _ in range(3)]
+    for m in modules:
+        for p in m.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    shape = {"nchw": (7, 16, 6, 5), "nhwc": (7, 6, 5, 16), "tokens": (7, 31, 16)}[layout.kind]
+    x = torch.randn(shape, generator=gen)
+    x = x.contiguous(memory_format=memory) if x.ndim == 4 else x
+    which = torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    with torch.no_grad():
+        ref = torch.cat([modules[int(k)](x[i:i + 1]) for i, k in enumerate(which)])
+        out = modules[0].forward_stacked(MSLoRA.stack(modules), x, which)
+    assert out.shape == ref.shape and ref.abs().max() > 1
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)

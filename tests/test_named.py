@@ -58,7 +58,8 @@ def test_a_mixed_batch_equals_each_sample_alone(backbone, tmp_path):
                                                      ("vit", "mslora", {"rank": 8}), ("swin", "mslora", {"rank": 8}),
                                                      ("resnet", "conv_adapter", {})])  # hooks beside the site
 def test_alike_adapters_run_at_once_and_equal_each_alone(backbone, method, options, tmp_path):
-    """Three sets of one method and config (stacked and run in one vmap per site) and one other method's set."""
+    """Three sets of one method and config (stacked: MSLoRA's own batched form, others one vmap per site) and one
+    other method's set, in a batch with all four and in one of the three alike sets only."""
     other = MIXABLE[backbone][1]
     specs = [(method, options)] * 3 + [other]
     alone = [trained(backbone, m, o, 3 + i, i, tmp_path / f"{i}.safetensors") for i, (m, o) in enumerate(specs)]
@@ -66,14 +67,15 @@ def test_alike_adapters_run_at_once_and_equal_each_alone(backbone, method, optio
     for i, (_, path) in enumerate(alone):
         mslora.load_adapter(shared, path, name=f"s{i}")
     x = sample_input(shared, batch=9)
-    names = [f"s{i}" for i in (0, 1, 2, 3, 1, 0, 2, 2, 1)]
-    for grad in (False, True):  # with gradients: each set on its rows, no stacking
-        with torch.set_grad_enabled(grad), mslora.mixed_batch(shared, names):
-            mixed = shared(x).detach()
-        with torch.no_grad():
-            for i, name in enumerate(names):
-                ref = alone[int(name[1:])][0](x[i:i + 1])[0]
-                assert torch.allclose(mixed[i, :len(ref)], ref, atol=1e-5, rtol=0)
+    for order in ((0, 1, 2, 3, 1, 0, 2, 2, 1), (2, 0, 0, 1, 2, 1, 0, 0, 2)):  # with the other set; the alike only
+        names = [f"s{i}" for i in order]
+        for grad in (False, True):  # with gradients: each set on its rows, no stacking
+            with torch.set_grad_enabled(grad), mslora.mixed_batch(shared, names):
+                mixed = shared(x).detach()
+            with torch.no_grad():
+                for i, name in enumerate(names):
+                    ref = alone[int(name[1:])][0](x[i:i + 1])[0]
+                    assert torch.allclose(mixed[i, :len(ref)], ref, atol=1e-5, rtol=0)
     stacked = [g[0].stacked for g in mslora.core.named.router(shared).groups.values() if hasattr(g[0], "stacked")]
     assert stacked and all(s[2] is not None for s in stacked)  # every site with several alike sets ran stacked
 

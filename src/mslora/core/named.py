@@ -206,13 +206,20 @@ def _classes(group: list[Routed]) -> list[tuple[list[int], Any]]:
                 break
         else:
             classes.append([i])
-    return [(m, stack_module_state([group[i].hook.adapter for i in m])) for m in classes if len(m) > 1]
+    out = []
+    for m in (m for m in classes if len(m) > 1):
+        adapters = [group[i].hook.adapter for i in m]
+        own = getattr(adapters[0], "stack", None)  # a module's own batched form (MSLoRA.forward_stacked)
+        out.append((m, own(adapters) if own is not None else stack_module_state(adapters)))
+    return out
 
 
 def fused(group: list[Routed], module: nn.Module, args, output) -> tuple[Any, bool]:
     """Run each class of alike adapter hooks in the group (:func:`_classes`) at once over the rows of its sets
-    present: one ``torch.func.vmap`` over the sets of ``functional_call`` on their rows, padded to the largest set's
-    count, with the sets' stacked tensors (kept until they change: :func:`_state`). The other hooks of those classes
+    present, with the sets' stacked tensors (kept until they change: :func:`_state`): the adapter's own batched
+    form where it has one (``stack`` / ``forward_stacked``, e.g. :class:`mslora.methods.mslora.MSLoRA`: each row
+    with its set's tensors, no padding), else one ``torch.func.vmap`` over the sets of ``functional_call`` on their
+    rows, padded to the largest set's count. The other hooks of those classes
     skip this call. Returns (the new output, or input for a pre-hook, or None when no class ran; whether the group's
     first hook's set was among those answered)."""
     from torch.func import functional_call, vmap
@@ -228,25 +235,36 @@ def fused(group: list[Routed], module: nn.Module, args, output) -> tuple[Any, bo
     mode = group[0].hook.mode  # one AdapterHook mode per group (Router.groups)
     target = args[0] if mode == "input" else output  # what the hooks replace, updated class by class
     ran, done = False, False
-    for members, (params, buffers) in cache[2]:
+    for members, stacked in cache[2]:
         here = [k for k, i in enumerate(members) if group[i].name in r.rows]
         if len(here) < 2:
             continue
         x = args[0] if mode == "parallel" else target
         rows = [r.rows_of(group[members[k]].name, x.shape[0]) for k in here]
         idx = torch.cat(rows)
-        which = torch.cat([torch.full((len(rw),), k, device=x.device) for k, rw in enumerate(rows)])
-        pos = torch.cat([torch.arange(len(rw), device=x.device) for rw in rows])
-        padded = x.new_zeros((len(here), max(len(rw) for rw in rows), *x.shape[1:]))
-        padded[which, pos] = x.index_select(0, idx)
-        if len(here) == len(members):  # every set of the class present: the stacks as they are
-            p, b = params, buffers
+        template, y = adapters[members[0]], None
+        if isinstance(stacked, dict):  # the module's own batched form: each row with its set's tensors
+            which = torch.cat([torch.full((len(rw),), here[k], device=x.device) for k, rw in enumerate(rows)])
+            if len(idx) == x.shape[0]:  # every row: in the batch's own order, nothing gathered
+                which = torch.empty_like(which).index_copy_(0, idx, which)
+                whole = template.forward_stacked(stacked, x, which)
+                target = target + whole if mode == "parallel" else whole
+            else:
+                y = template.forward_stacked(stacked, x.index_select(0, idx), which)
         else:
-            sel = torch.tensor(here, device=x.device)
-            p, b = ({k: v.index_select(0, sel) for k, v in d.items()} for d in (params, buffers))
-        template = adapters[members[0]]
-        y = vmap(lambda p, b, xs: functional_call(template, (p, b), (xs,)))(p, b, padded)[which, pos]
-        target = target.index_copy(0, idx, target.index_select(0, idx) + y if mode == "parallel" else y)
+            params, buffers = stacked
+            which = torch.cat([torch.full((len(rw),), k, device=x.device) for k, rw in enumerate(rows)])
+            pos = torch.cat([torch.arange(len(rw), device=x.device) for rw in rows])
+            padded = x.new_zeros((len(here), max(len(rw) for rw in rows), *x.shape[1:]))
+            padded[which, pos] = x.index_select(0, idx)
+            if len(here) == len(members):  # every set of the class present: the stacks as they are
+                p, b = params, buffers
+            else:
+                sel = torch.tensor(here, device=x.device)
+                p, b = ({k: v.index_select(0, sel) for k, v in d.items()} for d in (params, buffers))
+            y = vmap(lambda p, b, xs: functional_call(template, (p, b), (xs,)))(p, b, padded)[which, pos]
+        if y is not None:
+            target = target.index_copy(0, idx, target.index_select(0, idx) + y if mode == "parallel" else y)
         for k in here:
             group[members[k]].skip = members[k] != 0
         ran, done = True, done or members[here[0]] == 0

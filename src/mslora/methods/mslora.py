@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -135,6 +136,73 @@ class MSLoRA(nn.Module):
         h = self.norm(f)
         h = self.proj(h) * self.trans(h)  # (B, D, H, W): attention reweighting, Eq. 1
         return self.up(self.shuffle(h))  # (B, C, H, W)
+
+    @staticmethod
+    @torch.no_grad()
+    def stack(modules: list["MSLoRA"]) -> dict[str, torch.Tensor]:
+        """The tensors of S alike modules (same options and shapes) for :meth:`forward_stacked`, each (S, ...):
+        every 1x1 convolution as a dense (S, C_in, C_out) matrix (block-diagonal over its groups), the rest as
+        they are. Raises nothing; modules that are not alike give tensors that do not stack (RuntimeError)."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for m in modules:
+            dense = {}
+            for name, conv in m.named_modules():
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups < conv.out_channels:
+                    og = conv.out_channels // conv.groups  # (C_out, C_in / G, 1, 1) -> block-diagonal (C_in, C_out)
+                    w = conv.weight[:, :, 0, 0]
+                    dense[f"{name}.weight"] = torch.block_diag(*(w[g * og:(g + 1) * og].t()
+                                                                 for g in range(conv.groups)))
+            for name, t in m.named_parameters():
+                out.setdefault(name, []).append(dense.get(name, t))
+        return {k: torch.stack(v) for k, v in out.items()}
+
+    def forward_stacked(self, state: dict[str, torch.Tensor], x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` of S alike modules at once, row b of ``x`` through module ``which[b]``: what a mixed
+        batch of several named adapters runs (``mslora.mixed_batch``), one chain of batched operations whatever
+        the batch's make-up (no padding, no vmap). ``state``: :meth:`stack` of the S modules; ``x`` in this
+        module's layout (B rows); ``which`` (B,) long in [0, S). Equal to each row through its own module up to
+        float rounding; no gradients (the stacked tensors are copies)."""
+        f, prefix = self.layout.to_2d(x)  # (B, C, H, W)
+        b, c, h, w = f.shape
+        p = {k: v[which] for k, v in state.items()}  # (B, ...): each row's module's tensors
+
+        def lin(name: str, v: torch.Tensor) -> torch.Tensor:  # 1x1 conv on (B, HW, C_in) -> (B, HW, C_out)
+            return torch.baddbmm(p[f"{name}.bias"].unsqueeze(1), v, p[f"{name}.weight"])
+
+        def norm(name: str, v: torch.Tensor, eps: float) -> torch.Tensor:  # LayerNorm2d over the last dim
+            return F.layer_norm(v, v.shape[-1:], eps=eps) * p[f"{name}.weight"].unsqueeze(1) \
+                + p[f"{name}.bias"].unsqueeze(1)
+
+        tokens = f.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C): a view of channels-last maps
+        t = norm("norm", tokens, self.norm.eps) if isinstance(self.norm, LayerNorm2d) else tokens
+        tr = self.trans
+        down = lin("trans.down", t)  # (B, HW, D)
+        d = down.shape[-1]
+        maps = down.transpose(1, 2).reshape(1, b * d, h, w)  # each row's D channels as groups of one conv
+        outs = []
+        for i, conv in enumerate(tr.paths):  # depth-wise: B * D groups, each row's own kernels
+            k = conv.kernel_size[0]
+            y = F.conv2d(maps, p[f"trans.paths.{i}.weight"].reshape(b * d, 1, k, k),
+                         p[f"trans.paths.{i}.bias"].reshape(-1), padding=k // 2, groups=b * d)
+            outs.append(tr.act(y).view(b, d, h * w))  # (B, D, HW)
+        if tr.pool is not None:
+            pooled = down.mean(1) * p["trans.pool.1.weight"].view(b, d) + p["trans.pool.1.bias"]
+            outs.append(tr.act(pooled).unsqueeze(-1))  # (B, D, 1), broadcast in the sum
+        if tr.gates is not None:
+            outs = [o * torch.sigmoid(torch.einsum("bdp,bd->bp", o, p[f"trans.gates.{i}.weight"].view(b, d))
+                                      + p[f"trans.gates.{i}.bias"]).unsqueeze(1) for i, o in enumerate(outs)]
+        s = outs[0]
+        for o in outs[1:]:
+            s = s + o
+        s = s.transpose(1, 2)  # (B, HW, D)
+        if isinstance(tr.post, nn.Sequential):
+            s = tr.post[1](norm("trans.post.0", s, tr.post[0].eps))
+        hid = lin("proj", t) * lin("trans.pw", s)  # Eq. 1
+        if not isinstance(self.shuffle, nn.Identity):
+            g = self.shuffle.groups
+            hid = hid.view(b, h * w, g, d // g).transpose(2, 3).reshape(b, h * w, d)
+        out = (tokens + lin("up", hid)).view(b, h, w, c).permute(0, 3, 1, 2)  # F + H(F), (B, C, H, W)
+        return self.layout.from_2d(out, prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """F' = F + H(F) on ``x`` in this module's layout; same shape out, prefix tokens unchanged."""
