@@ -209,7 +209,7 @@ def _classes(group: list[Routed]) -> list[tuple[list[int], Any]]:
     out = []
     for m in (m for m in classes if len(m) > 1):
         adapters = [group[i].hook.adapter for i in m]
-        own = getattr(adapters[0], "stack", None)  # a module's own batched form (MSLoRA.forward_stacked)
+        own = getattr(adapters[0], "stack", None) if hasattr(adapters[0], "forward_stacked") else None
         out.append((m, own(adapters) if own is not None else stack_module_state(adapters)))
     return out
 
@@ -243,7 +243,7 @@ def fused(group: list[Routed], module: nn.Module, args, output) -> tuple[Any, bo
         rows = [r.rows_of(group[members[k]].name, x.shape[0]) for k in here]
         idx = torch.cat(rows)
         template, y = adapters[members[0]], None
-        if isinstance(stacked, dict):  # the module's own batched form: each row with its set's tensors
+        if hasattr(template, "forward_stacked"):  # the module's own batched form: each row with its set's tensors
             which = torch.cat([torch.full((len(rw),), here[k], device=x.device) for k, rw in enumerate(rows)])
             if len(idx) == x.shape[0]:  # every row: in the batch's own order, nothing gathered
                 which = torch.empty_like(which).index_copy_(0, idx, which)

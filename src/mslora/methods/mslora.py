@@ -139,11 +139,12 @@ class MSLoRA(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def stack(modules: list["MSLoRA"]) -> dict[str, torch.Tensor]:
-        """The tensors of S alike modules (same options and shapes) for :meth:`forward_stacked`, each (S, ...):
-        every 1x1 convolution as a dense (S, C_in, C_out) matrix (block-diagonal over its groups), the rest as
-        they are. Raises nothing; modules that are not alike give tensors that do not stack (RuntimeError)."""
-        out: dict[str, list[torch.Tensor]] = {}
+    def stack(modules: list["MSLoRA"]) -> tuple[torch.Tensor, dict[str, tuple[int, torch.Size]]]:
+        """The tensors of S alike modules (same options and shapes) for :meth:`forward_stacked`: one (S, P) tensor,
+        row s all of module s's tensors flattened, and name -> (offset, shape) in a row. Every 1x1 convolution is
+        kept as a dense (C_in, C_out) matrix (block-diagonal over its groups), the rest as it is (one gather per
+        batch fetches every row's tensors). Modules that are not alike give rows that do not stack (RuntimeError)."""
+        rows, index = [], {}
         for m in modules:
             dense = {}
             for name, conv in m.named_modules():
@@ -152,11 +153,15 @@ class MSLoRA(nn.Module):
                     w = conv.weight[:, :, 0, 0]
                     dense[f"{name}.weight"] = torch.block_diag(*(w[g * og:(g + 1) * og].t()
                                                                  for g in range(conv.groups)))
-            for name, t in m.named_parameters():
-                out.setdefault(name, []).append(dense.get(name, t))
-        return {k: torch.stack(v) for k, v in out.items()}
+            tensors = [(name, dense.get(name, t)) for name, t in m.named_parameters()]
+            offset = 0
+            for name, t in tensors:
+                index[name] = (offset, t.shape)
+                offset += t.numel()
+            rows.append(torch.cat([t.reshape(-1) for _, t in tensors]))
+        return torch.stack(rows), index
 
-    def forward_stacked(self, state: dict[str, torch.Tensor], x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    def forward_stacked(self, state: tuple[torch.Tensor, dict], x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` of S alike modules at once, row b of ``x`` through module ``which[b]``: what a mixed
         batch of several named adapters runs (``mslora.mixed_batch``), one chain of batched operations whatever
         the batch's make-up (no padding, no vmap). ``state``: :meth:`stack` of the S modules; ``x`` in this
@@ -164,7 +169,9 @@ class MSLoRA(nn.Module):
         float rounding; no gradients (the stacked tensors are copies)."""
         f, prefix = self.layout.to_2d(x)  # (B, C, H, W)
         b, c, h, w = f.shape
-        p = {k: v[which] for k, v in state.items()}  # (B, ...): each row's module's tensors
+        flat, index = state
+        mine = flat[which]  # (B, P): each row's module's tensors
+        p = {k: mine[:, o:o + shape.numel()].view(b, *shape) for k, (o, shape) in index.items()}
 
         def lin(name: str, v: torch.Tensor) -> torch.Tensor:  # 1x1 conv on (B, HW, C_in) -> (B, HW, C_out)
             return torch.baddbmm(p[f"{name}.bias"].unsqueeze(1), v, p[f"{name}.weight"])
