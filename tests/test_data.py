@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mslora.data import build_transforms, load_classification
+from mslora.data import build_transforms, load_classification, load_rgb
 
 
 def write_idx(root, n_train=1100, n_test=50):
@@ -68,13 +68,14 @@ def test_bad_sources(tmp_path):
         load_classification(str(tmp_path / "empty"), "2k")
 
 
-def test_unreadable_image_is_named(image_folder):
-    bad = image_folder / "ant" / "broken.png"
-    bad.write_bytes(b"not a png")
-    d = load_classification(str(image_folder), "full")
-    base = d.train.base
-    with pytest.raises(ValueError, match="cannot read image '.*broken.png'"):
-        base[base.samples.index((str(bad), 0))]
+def test_unreadable_images_are_all_named_when_the_data_loads(image_folder):
+    (image_folder / "ant" / "broken.png").write_bytes(b"not a png")
+    (image_folder / "ant" / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^2 of \d+ images of 'imgs' cannot be read: cannot read image ") as e:
+        load_classification(str(image_folder), "full")
+    assert "broken.png': UnidentifiedImageError" in str(e.value) and "empty.png': Unid" in str(e.value)
+    with pytest.raises(ValueError, match="cannot read image '.*x.png'"):  # read later all the same
+        load_rgb(image_folder / "x.png")
 
 
 @pytest.mark.parametrize("train", [True, False])

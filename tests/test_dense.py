@@ -124,8 +124,12 @@ def test_voc_segmentation_and_ade20k_labels(tmp_path):
     _, y = data.train.base[0]
     assert y[0, 0] == IGNORE and y[10, 10] == 2  # 0 ignored, the rest shifted down
     assert data.classes == ["0", "1", "2"]  # no names shipped: the label values found
-    (ade / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\twall\n2\t0.1\t1\t1\tbuilding;edifice\n")
-    assert load_dense(str(tmp_path), "segment").classes == ["wall", "building"]
+    info = "Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\twall\n2\t0.1\t1\t1\tbuilding;edifice\n"
+    (ade / "objectInfo150.txt").write_text(info + "3\t0.1\t1\t1\tsky\n")
+    assert load_dense(str(tmp_path), "segment").classes == ["wall", "building", "sky"]
+    (ade / "objectInfo150.txt").write_text(info)  # two names: the maps' value 3 (class 2) is no class
+    with pytest.raises(ValueError, match=r"label map '.*training/0.png' holds value 3, not a class of the 2"):
+        load_dense(str(tmp_path), "segment")
 
 
 def test_unrecognised_layout_names_what_it_looked_for(tmp_path):
@@ -179,7 +183,7 @@ def test_bad_detector_and_masks_on_voc_are_refused(scenes, tmp_path):
     with pytest.raises(ValueError, match="detector='yolo' is not one of"):
         get_task("detect")(_cfg("detect", scenes, tmp_path, detector="yolo"))
     _voc(tmp_path / "voc", [[("dog", (1, 1, 9, 9), False)]] * 3)
-    with pytest.raises(ValueError, match="needs instance masks; the VOC detection layout has boxes only"):
+    with pytest.raises(ValueError, match="needs instance masks, but the VOC detection layout has boxes only"):
         get_task("detect")(_cfg("detect", tmp_path / "voc", tmp_path))
     get_task("detect")(_cfg("detect", tmp_path / "voc", tmp_path, detector="retinanet"))
 

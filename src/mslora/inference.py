@@ -22,7 +22,7 @@ from torch import nn
 
 from mslora.core.adapt import load_adapter
 from mslora.core.named import mixed_batch, router
-from mslora.data.images import read_rgb
+from mslora.data.images import read_rgb, to_rgb
 from mslora.engine.rebuild import rebuild, run_config
 from mslora.registry import get_task
 
@@ -133,7 +133,7 @@ def as_image(image: Any) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         return read_rgb(image)
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(to_rgb(image)).copy()).permute(2, 0, 1)  # upright, 16-bit scaled
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(f"an image array must be uint8 (H, W) or (H, W, 3|4), got {image.dtype} {image.shape}")

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mslora.data.coco import CocoDetection
-from mslora.data.images import read_label_map, read_rgb
+from mslora.data.images import check_images, read_label_map, read_rgb
 from mslora.data.scenes import default_scenes
 from mslora.data.transforms import IGNORE, Subset
 
@@ -126,6 +126,26 @@ class SemanticFolder(Dataset):
     def __init__(self, items: list[tuple[Path, Path | None]], shift: bool = False,
                  paint: Callable[[int], np.ndarray] | None = None) -> None:
         self.items, self.shift, self.paint = items, shift, paint
+        check_sizes(items)
+
+    def check_labels(self, num_classes: int) -> None:
+        """Every label map's values are classes 0..K-1 (after the ADE20K shift) or :data:`IGNORE`, read in full
+        before a run starts (a progress bar on stderr for long lists).
+
+        Raises:
+            ValueError: the first label map holding another value (file, value, class count).
+        """
+        from tqdm.auto import tqdm
+
+        files = [lbl for _, lbl in self.items if lbl is not None]
+        for lbl in tqdm(files, desc="checking label maps", unit="map", disable=len(files) < 500, leave=False):
+            values = np.unique(read_label_map(lbl))
+            labels = values[values != 0] - 1 if self.shift else values
+            bad = labels[(labels != IGNORE) & ((labels < 0) | (labels >= num_classes))]
+            if len(bad):
+                raise ValueError(f"label map '{lbl}' holds value {int(bad[0]) + int(self.shift)}, not a class of "
+                                 f"the {num_classes} (0..{num_classes - 1}{', shifted by one' if self.shift else ''})"
+                                 f" nor {IGNORE} (ignored)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -138,12 +158,38 @@ class SemanticFolder(Dataset):
         return read_rgb(image), y
 
 
+def check_sizes(items: list[tuple[Path, Path | None]]) -> None:
+    """Every label map is its image's size (the image after its EXIF orientation), every file exists and opens,
+    checked from the headers before a run starts.
+
+    Raises:
+        ValueError: files that cannot be read (:func:`mslora.data.images.check_images`), or the first label map
+            of another size than its image (both named).
+    """
+    pairs = [(img, lbl) for img, lbl in items if lbl is not None]
+    images = check_images([img for img, _ in pairs], "images")
+    maps = check_images([lbl for _, lbl in pairs], "label maps")
+    for (img, lbl), a, b in zip(pairs, images, maps):
+        if a != b:
+            raise ValueError(f"label map '{lbl}' is {b[0]}x{b[1]} but its image '{img}' is {a[0]}x{a[1]} (width x "
+                             "height, EXIF orientation applied): the labels would be stretched onto it")
+
+
 def _coco_semantic(root: Path, split: str) -> tuple[SemanticFolder, list[str]]:
+    """COCO for segmentation: ``semantic/{split}2017/<stem>.png`` label maps, else the instance masks painted.
+
+    Raises:
+        ValueError: no label maps and an annotation without a segmentation (named), or a label map whose size is
+            not its image's.
+    """
     det = CocoDetection(root, split)
     sem = root / "semantic" / f"{split}2017"
     infos = [det.coco.loadImgs(i)[0] for i in det.ids]
     items = [(det.images / info["file_name"], sem / f"{Path(info['file_name']).stem}.png") for info in infos]
     if not all(lbl.is_file() for _, lbl in items):
+        if det.no_masks:
+            raise ValueError(f"COCO '{root}' has no semantic/{split}2017 label maps and {det.no_masks}: segmentation "
+                             "paints the instance masks, so every annotation needs one")
         items = [(img, None) for img, _ in items]
 
     def paint(i: int) -> np.ndarray:
@@ -174,6 +220,7 @@ class DenseData:
     val: Subset
     test: Subset
     coco: dict[str, Any]
+    no_masks: str | None = None  # detection: why the data has no instance masks (None: it has them)
 
     @property
     def num_classes(self) -> int:
@@ -302,10 +349,16 @@ def load_dense(data: str, task: str, split_seed: int = 0) -> DenseData:
 
         parts = _splits(make, lambda s: False, split_seed, val="validation", train="training")
         classes = _ade_classes(root) or _class_file(root) or _values_found(parts["train"][0])
+    no_masks = None
     if task == "detect":
         coco = {s: (base.coco, base.category_of, [base.ids[i] for i in idx]) for s, (base, idx) in parts.items()}
+        no_masks = next((b.no_masks for b, _ in parts.values() if getattr(b, "no_masks", None)), None) or (
+            "the VOC detection layout has boxes only" if layout == "voc" else None)
+    else:
+        for base in {id(b): b for b, _ in parts.values()}.values():
+            base.check_labels(len(classes))
     sets = {s: Subset(base, list(idx)) for s, (base, idx) in parts.items()}
-    return DenseData(name, layout, classes, sets["train"], sets["val"], sets["test"], coco)
+    return DenseData(name, layout, classes, sets["train"], sets["val"], sets["test"], coco, no_masks)
 
 
 def _ade_classes(root: Path) -> list[str] | None:

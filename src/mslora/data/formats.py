@@ -82,7 +82,7 @@ def vtab1k(root: Path, split: str, loader: Callable) -> tuple[dict, list[str]]:
         raise ValueError(f"split='{split}' is not one of train800, train800val200 for VTAB-1k data ('{root}')")
     files = {"train": f"{split}.txt", "val": "val200.txt",
              "test": "test.txt"}
-    pools = {}
+    pools, where = {}, {}
     for s, name in files.items():
         _check_file(root / name, "VTAB-1k list")
         items = []
@@ -93,9 +93,11 @@ def vtab1k(root: Path, split: str, loader: Callable) -> tuple[dict, list[str]]:
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise ValueError(f"{root / name} line {n}: '{line}' is not 'relative/path label' with an integer label")
             items.append((root / parts[0], int(parts[1])))
+            where.setdefault(int(parts[1]), f"{root / name} line {n}")
         pools[s] = items
-    n_classes = 1 + max(label for items in pools.values() for _, label in items)
-    classes = _classes_txt(root) or [str(i) for i in range(n_classes)]
+    names = _classes_txt(root)
+    classes = names or [str(i) for i in range(check_labels(where, None))]
+    check_labels(where, names, root / "classes.txt")
     return {s: ListDataset(items, loader) for s, items in pools.items()}, classes
 
 
@@ -112,12 +114,23 @@ def fgvc(root: Path, loader: Callable) -> tuple[dict, list[str]]:
         if not isinstance(data, dict):
             raise ValueError(f"{root / f'{s}.json'} must map image paths to labels")
         annos[s] = data
+        for key, v in data.items():
+            if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, str) and not v.strip()):
+                raise ValueError(f"{root / f'{s}.json'}: '{key}' has label {v!r}; expected an integer or a class name")
+    if not annos["train"]:
+        raise ValueError(f"{root / 'train.json'} lists no images")
     first = next(iter(annos["train"]), "")
     image_dir = next((d for d in (root / "images", root / "Images", root) if (d / first).is_file()), root)
+    if len({type(v) for a in annos.values() for v in a.values()}) > 1:
+        raise ValueError(f"FGVC labels of '{root}' mix integers and names; use one kind")
     ids = sorted({v for a in annos.values() for v in a.values()})
     cont = {v: i for i, v in enumerate(ids)}
+    names = _classes_txt(root)
+    if names is not None and len(names) != len(ids):
+        raise ValueError(f"'{root / 'classes.txt'}' names {len(names)} classes but the json files use {len(ids)} "
+                         "labels; give one name per label, in label order")
     pools = {s: ListDataset([(image_dir / k, cont[v]) for k, v in a.items()], loader) for s, a in annos.items()}
-    return pools, _classes_txt(root) or [str(v) for v in ids]
+    return pools, names or [str(v) for v in ids]
 
 
 def csv_pools(path: Path, loader: Callable) -> tuple[dict, list[str]]:
@@ -128,7 +141,7 @@ def csv_pools(path: Path, loader: Callable) -> tuple[dict, list[str]]:
     """
     files = {"train": path} if path.is_file() else {s: path / f"{s}.csv" for s in ("train", "val", "test")
                                                     if (path / f"{s}.csv").is_file()}
-    rows = {}
+    rows, where = {}, {}
     for s, f in files.items():
         with open(f, newline="") as fh:
             lines = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
@@ -137,16 +150,47 @@ def csv_pools(path: Path, loader: Callable) -> tuple[dict, list[str]]:
         for n, r in enumerate(lines, 1):
             if len(r) < 2:
                 raise ValueError(f"{f} row {n}: {r} is not 'path,label'")
+            if not r[0].strip() or not r[1].strip():
+                raise ValueError(f"{f} row {n}: {r} has an empty {'path' if not r[0].strip() else 'label'}")
         if not lines:
             raise ValueError(f"{f} holds no 'path,label' rows")
         rows[s] = [(f.parent / r[0].strip(), r[1].strip()) for r in lines]
+        for n, (_, lab) in enumerate(rows[s], 1):
+            where.setdefault(lab, f"{f} row {n}")
     labels = {lab for rs in rows.values() for _, lab in rs}
     numeric = all(lab.lstrip("-").isdigit() for lab in labels)
-    classes = [str(i) for i in range(1 + max(int(x) for x in labels))] if numeric else sorted(labels)
+    if numeric:
+        k = check_labels({int(lab): w for lab, w in where.items()}, None)
+    classes = [str(i) for i in range(k)] if numeric else sorted(labels)
     index = {c: i for i, c in enumerate(classes)}
     pools = {s: ListDataset([(p, int(lab) if numeric else index[lab]) for p, lab in rs], loader)
              for s, rs in rows.items()}
     return pools, classes
+
+
+def check_labels(where: dict[int, str], names: list[str] | None, names_file: Path | None = None) -> int:
+    """The number of classes of integer labels ``where`` (label -> where it first appears, e.g. "train.csv row 7").
+
+    With class ``names``: every label in 0..len(names)-1. Without: labels 0..K-1 with an image for each, so that a
+    mistyped label (1000000) is caught instead of building a head of a million classes.
+
+    Raises:
+        ValueError: a negative label, a label past the names, or (without names) labels with gaps: the label and
+            where it appears.
+    """
+    for lab, at in sorted(where.items()):
+        if lab < 0:
+            raise ValueError(f"{at}: label {lab} is negative; labels are class indices 0..K-1")
+    top = max(where)
+    if names is not None:
+        if top >= len(names):
+            raise ValueError(f"{where[top]}: label {top} is past the {len(names)} classes of '{names_file}'")
+        return len(names)
+    unused = [k for k in range(top) if k not in where]
+    if unused:
+        raise ValueError(f"{where[top]}: label {top}, but {len(unused)} of the labels 0..{top} have no image "
+                         f"(first: {unused[0]}); integer labels must be 0..K-1 (a mistyped label?)")
+    return top + 1
 
 
 def torchvision_pools(fmt: str, root: Path) -> tuple[dict, list[str]]:

@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils
 from torchvision import datasets
 
 from mslora.data.classify import FASHION_MNIST_DIR, fashion_mnist_root, is_idx_dir
+from mslora.data.images import load_rgb
 
 VERSION = 1
 CANVAS = 256
@@ -44,7 +45,7 @@ def backgrounds() -> tuple[list[np.ndarray], str]:
     except ImportError:
         return [], "noise"
     folder = Path(skimage.data.__file__).parent
-    photos = [np.asarray(Image.open(folder / n).convert("RGB")) for n in _PHOTOS if (folder / n).is_file()]
+    photos = [np.asarray(load_rgb(folder / n)) for n in _PHOTOS if (folder / n).is_file()]
     return photos, "scikit-image sample photographs" if photos else "noise"
 
 

@@ -240,9 +240,9 @@ class Detection(DenseTask):
         if cfg.detector not in DETECTORS:
             raise ValueError(f"detector='{cfg.detector}' is not one of {', '.join(DETECTORS)}")
         super().__init__(cfg, data, classes)
-        if cfg.detector in MASK_DETECTORS and self.data is not None and self.data.layout == "voc":
-            raise ValueError(f"detector='{cfg.detector}' needs instance masks; the VOC detection layout has boxes "
-                             "only: use fasterrcnn, retinanet or fcos")
+        if cfg.detector in MASK_DETECTORS and self.data is not None and self.data.no_masks:
+            raise ValueError(f"detector='{cfg.detector}' needs instance masks, but {self.data.no_masks}: use "
+                             "fasterrcnn, retinanet or fcos")
 
     def load_data(self, data: str) -> DenseData:
         """The detection data at ``data`` (:func:`mslora.data.dense.load_dense`)."""
