@@ -188,9 +188,10 @@ def _from_pools(name: str, classes: list[str], pools: dict, split: str, seed: in
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder, its listing safe from symlinks: each folder is walked once by its real path (a
-    symlink loop once listed 18 images 738 times, and two loops hung), an image reached twice in one class is
-    listed once, and one reached from two classes is an error. Samples in torchvision's order."""
+    """torchvision's ImageFolder, its listing safe from symlinks: each folder is walked once by its real path, and
+    a link back to the root or to a class folder is not followed (a symlink loop once listed 18 images 738 times,
+    and two loops hung); an image file linked twice into one class is listed once, one linked into two classes is
+    an error. Samples in torchvision's order."""
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
@@ -204,12 +205,13 @@ class ImageFolder(datasets.ImageFolder):
 
         valid = is_valid_file or (lambda p: has_file_allowed_extension(p, extensions))
         walked, owner = [], {}
+        tops = {os.path.realpath(directory), *(os.path.realpath(os.path.join(directory, c)) for c in class_to_idx)}
+        seen: set[str] = set()
         for cls in sorted(class_to_idx):
-            seen: set[str] = set()
             for root, dirs, files in os.walk(os.path.join(directory, cls), followlinks=True):
                 real = os.path.realpath(root)
-                if real in seen:
-                    dirs[:] = []  # a folder reached again (a symlink loop, or two links to it): walked once
+                if real in seen or (real in tops and root != os.path.join(directory, cls)):
+                    dirs[:] = []  # reached again (a symlink loop, a link to the root or a class): walked once
                     continue
                 seen.add(real)
                 walked.append((root, cls, sorted(files)))
