@@ -152,6 +152,39 @@ def test_resume_refuses_a_finished_run_and_other_options(folder, tmp_path, capsy
     assert "give no other option" in capsys.readouterr().err
 
 
+def test_resume_refuses_changed_data_and_a_run_in_use(folder, tmp_path, capsys):
+    from filelock import FileLock
+
+    out = tmp_path / "runs"
+    assert main(["train", *TINY, "--data", str(folder), "--epochs", "1", "--batch-size", "8", "--output", str(out)]) == 0
+    run = only_run(out)
+    (run / "metrics.json").unlink()  # resumable again: its last checkpoint is the end of epoch 1
+    gone = folder / "red" / "0.png"
+    kept = gone.read_bytes()
+    gone.unlink()  # one image less: the seeded split would be drawn anew
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"the data of run '{run}' changed since it started (train has 83 images, had 84" in err
+    assert err.count("\n") == 1 and not (run / "metrics.json").exists()
+    gone.write_bytes(kept)
+    with FileLock(str(run / ".lock"), timeout=0):  # another process trains in the run
+        assert main(["train", "--resume", str(run)]) == 2
+        assert f"run '{run}' is in use by another mslora process" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run)]) == 0  # the same data, lock free: it resumes (and finishes)
+    assert (run / "metrics.json").exists() and json.loads((run / "data.json").read_text())["train"]["images"] == 84
+
+
+def test_a_nan_validation_is_divergence_not_a_result(folder, tmp_path, capsys):
+    out = tmp_path / "runs"
+    # one optimiser step an epoch: its training loss is finite, the weights after it are not
+    code = main(["train", *TINY, "--data", str(folder), "--epochs", "2", "--batch-size", "128", "--split", "full",
+                 "--set", "weight_decay=1e30", "--lr", "1", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "validation loss is nan after epoch 1" in err, err[-500:]
+    assert not (only_run(out) / "metrics.json").exists()
+
+
 def test_device_and_precision_errors_are_one_line(folder, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["train", *TINY[:-4], "--data", str(folder), "--device", "cuda", "--output", str(tmp_path)]) == 2

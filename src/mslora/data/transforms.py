@@ -39,6 +39,26 @@ class Subset(Dataset):
         return item if self.transform is None else seeded_call(seed, self.transform, *item)
 
 
+def fingerprint(subset: Subset) -> dict[str, Any]:
+    """What identifies a split's items, to tell whether a resumed run still sees the data it started on: their
+    count and a SHA-256 over each item's identity in order (its file and label where the base dataset lists them:
+    ``samples`` of an ImageFolder, ``items`` of the listed formats, ``ids`` of COCO / VOC; else its index and the
+    base's size, e.g. Fashion-MNIST's idx files)."""
+    import hashlib
+
+    base, h = subset.base, hashlib.sha256()
+    listed = getattr(base, "samples", None) or getattr(base, "items", None)
+    ids = getattr(base, "ids", None)
+    for i in subset.indices:
+        if listed is not None:
+            item = listed[i]
+            key = repr(item[:2]) if isinstance(item, tuple) else repr(item)
+        else:
+            key = repr(ids[i]) if ids is not None else f"{i}/{len(base)}"
+        h.update(key.encode() + b"\n")
+    return {"images": len(subset.indices), "sha256": h.hexdigest()}
+
+
 def seeded_call(seed: int | None, fn: Callable, *args: Any) -> Any:
     """``fn(*args)`` with torch's global CPU generator seeded with ``seed`` (None: as it is), its state put back
     after: torchvision v2 transforms draw from that generator, so an item's augmentation depends on ``seed`` alone.

@@ -53,6 +53,7 @@ from mslora.core.state import (adapter_state_dict, backbone_digest, count_parame
 from mslora.engine.checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mslora.engine.config import TrainConfig, default_workers
 from mslora.engine.rebuild import rebuild
+from mslora.data.transforms import fingerprint
 from mslora.engine.sampler import EpochSampler
 from mslora.registry import get_task
 
@@ -213,6 +214,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None) -> tuple[dict[str
     Raises:
         ValueError / FileNotFoundError: bad method, option, backbone, data, weights or device (checked before the
             run directory is created, so nothing is written).
+        ValueError: (resuming) the run's data changed since it started, or another process trains in the run.
         TrainingDiverged: the loss became NaN or Inf (the message names the step; the last checkpoint stays).
     """
     task = get_task(cfg.task)(cfg)
@@ -222,18 +224,69 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None) -> tuple[dict[str
     task.set_transforms(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    data = {split: fingerprint(ds) for split, ds in task.datasets.items()}
     if run_dir is None:
         shared = [str(new_run_dir(cfg)) if acc.is_main_process else None]
         broadcast_object_list(shared)  # every process writes to (and reads the best adapter from) one directory
         run = Path(shared[0])
     else:
         run = Path(run_dir)
-    if acc.is_main_process:
-        (run / "checkpoints").mkdir(exist_ok=True)
-        if run_dir is None:
-            (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    with run_log(run, acc.is_main_process):
-        return fit(cfg, task, acc, ddp, model, run, resuming=run_dir is not None), run
+    with run_lock(run, acc.is_main_process):
+        if run_dir is not None:
+            same_data(run, data)
+        if acc.is_main_process:
+            (run / "checkpoints").mkdir(exist_ok=True)
+            if run_dir is None:
+                (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                (run / "data.json").write_text(json.dumps(data, indent=1))
+        with run_log(run, acc.is_main_process):
+            return fit(cfg, task, acc, ddp, model, run, resuming=run_dir is not None), run
+
+
+@contextlib.contextmanager
+def run_lock(run: Path, main: bool) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory (``RUN/.lock``, filelock: an OS lock that a killed process
+    releases) while the main process trains in it, so that two ``--resume`` of one run cannot both write it.
+
+    Raises:
+        ValueError: another process holds the lock (nothing written).
+    """
+    if not main:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(run / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ValueError(f"run '{run}' is in use by another mslora process (it holds '{run / '.lock'}'); wait for "
+                         "it to end") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def same_data(run: Path, now: dict[str, Any]) -> None:
+    """Refuse to resume ``run`` on data other than it started on (``RUN/data.json``, each split's
+    :func:`mslora.data.transforms.fingerprint`): the split would be drawn anew, and images trained on could land
+    in the test set. A run from before data.json existed resumes with a warning.
+
+    Raises:
+        ValueError: a split whose images or labels differ (which, and the counts).
+    """
+    path = run / "data.json"
+    if not path.is_file():
+        log.warning("WARNING: run '%s' has no data.json (it predates it): its data cannot be checked", run)
+        return
+    then = json.loads(path.read_text())
+    changed = [f"{s} has {now.get(s, {}).get('images', 0)} images, had {then[s]['images']}"
+               if now.get(s, {}).get("images") != then[s]["images"] else f"{s} has other images or labels"
+               for s in then if then[s] != now.get(s)]
+    if changed:
+        raise ValueError(f"the data of run '{run}' changed since it started ({'; '.join(changed)}): resuming would "
+                         "train and test on another split; put the data back as it was, or start a new run")
 
 
 def resume(run_dir: str | Path) -> tuple[dict[str, Any], Path]:
@@ -470,6 +523,10 @@ def fit(cfg: TrainConfig, task, acc: Accelerator, ddp: DistributedDataParallelKw
     for epoch in range(loop.state["epoch"], cfg.epochs):
         images_s = train_one_epoch(loop, epoch, t_start)
         val = task.evaluate(loop.model, loop.val_loader, acc.gather_for_metrics, "val")
+        bad = {k: v for k, v in val.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:  # a NaN model scores as if it predicted one class: never a result
+            raise TrainingDiverged(f"validation {', '.join(f'{k} is {v}' for k, v in bad.items())} after epoch "
+                                   f"{epoch + 1}; the last good checkpoint is {loop.last}")
         loop.end_epoch(epoch, val, images_s)
         loop.state["seconds"] = time.perf_counter() - t_start
         loop.checkpoint()
