@@ -193,8 +193,23 @@ def test_load_adapter_rejects_other_head_size(tmp_path):
     other = timm.create_model("test_resnet", num_classes=7)  # the same backbone weights, another head
     other.load_state_dict({k: v for k, v in make_model("resnet").state_dict().items() if not k.startswith("fc.")},
                           strict=False)
-    with pytest.raises(ValueError, match=r"'fc\.(weight|bias)' has shape \(4"):
-        mslora.load_adapter(other, path)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    for _ in range(2):  # a failed load changes nothing: the retry fails the same way, not "already adapted"
+        with pytest.raises(ValueError, match=r"'fc\.(weight|bias)' has shape \(4"):
+            mslora.load_adapter(other, path)
+        assert mslora.adaptation(other) is None and not hasattr(other, "adapters")
+        assert other.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+        assert not other._forward_hooks and all(not m._forward_hooks for m in other.modules())
+    fresh = timm.create_model("test_resnet", num_classes=4)
+    fresh.load_state_dict(make_model("resnet").state_dict())
+    for method in ("full", "rlrr", "lora"):  # every kind of method: undone after a failed load
+        bad = mslora.save_adapter(mslora.adapt(make_model("resnet"), method), tmp_path / f"{method}.safetensors")
+        with pytest.raises(ValueError):
+            mslora.load_adapter(other, bad)
+        assert mslora.adaptation(other) is None
+        assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    assert mslora.adaptation(mslora.load_adapter(fresh, path)).method == "mslora"  # the right model still loads
 
 
 def test_class_token_pooling_leaves_last_block_adapter_without_gradient():

@@ -46,8 +46,15 @@ def test_import_from_peft_gives_the_same_outputs(tmp_path):
         torch.testing.assert_close(ours(x), theirs(x))
     rec = mslora.adaptation(ours)
     assert rec.method == "lora" and rec.config.rank == 4 and rec.config.alpha == 8
-    with pytest.raises(ValueError, match="do not fit this model's head"):
-        import_peft(timm.create_model("test_vit", num_classes=5), tmp_path / "peft")
+    other = timm.create_model("test_vit", num_classes=5)
+    for _ in range(2):  # a failed import changes nothing: the retry fails the same way
+        with pytest.raises(ValueError, match="do not fit this model's head"):
+            import_peft(other, tmp_path / "peft")
+        assert mslora.adaptation(other) is None and "lora" not in str(other)
+    (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        import_peft(other, tmp_path / "peft")
+    assert mslora.adaptation(other) is None
     with pytest.raises(ValueError, match="no Linear/Conv2d module of ResNet matches target_modules"):
         import_peft(timm.create_model("test_resnet", num_classes=3), tmp_path / "peft")
 

@@ -268,6 +268,9 @@ def load_adapter(model: nn.Module, path: str | Path, strict_backbone: bool = Tru
     if missing:
         raise ValueError(f"adapter file '{path}' lacks option(s) {', '.join(missing)} of method '{spec.name}' "
                          "(written by another version of mslora?)")
+    if name is None and adaptation(model) is not None:
+        raise ValueError("model is already adapted; load an adapter onto a fresh backbone, or give each adapter a "
+                         "name (name=...) to hold several")
     if name is not None:
         named.begin(model, tensors, name)
         tensors = named.peft_names(tensors, name)
@@ -281,8 +284,22 @@ def load_adapter(model: nn.Module, path: str | Path, strict_backbone: bool = Tru
     except Exception:
         if name is not None:  # the model as it was: its other sets intact
             _undo_named(model, name)
+        else:
+            undo_failed(model)
         raise
     return model
+
+
+def undo_failed(model: nn.Module) -> None:
+    """Take a just-made adaptation whose loading failed off the model (:func:`unadapt`; ``full``, which changes
+    nothing until it trains, by its record alone), so that a failed load changes nothing and a retry works."""
+    rec = adaptation(model)
+    if rec is None:
+        return
+    if get_method(rec.method).freeze_backbone:
+        unadapt(model)
+    else:
+        _strip(model, rec)
 
 
 def _undo_named(model: nn.Module, name: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mslora.core.adapt import adapt
+from mslora.core.adapt import adapt, undo_failed
 from mslora.core.state import adaptation, adapter_state_dict, architecture
 
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the timm model
@@ -62,7 +62,7 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         FileNotFoundError: the folder lacks adapter_config.json or adapter_model.safetensors.
         ValueError: a PEFT method mslora does not run (named), PiSSA, or tensors that do not fit the model.
     """
-    from peft import PeftConfig, set_peft_model_state_dict  # PEFT takes seconds to import: only when used
+    from peft import PeftConfig  # PEFT takes seconds to import: only when used
 
     folder = Path(directory)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -82,7 +82,26 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     if method != "hira":
         options.update(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     adapt(model, method, **options)
-    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    try:
+        return _load_peft_tensors(model, folder)
+    except Exception:
+        undo_failed(model)  # a failed import changes nothing: the model as it was, a retry works
+        raise
+
+
+def _load_peft_tensors(model: nn.Module, folder: Path) -> nn.Module:
+    """Load a PEFT folder's tensors into ``model`` just adapted for them (:func:`import_peft`).
+
+    Raises:
+        ValueError: a file that is not safetensors, LoRA tensors missing or unexpected, or a head of another size.
+    """
+    try:
+        loaded = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as e:
+        raise ValueError(f"'{folder / 'adapter_model.safetensors'}' is not a readable safetensors file: {e}") from None
+    from peft import set_peft_model_state_dict
+
+    tensors = {k.removeprefix(PREFIX): v for k, v in loaded.items()}
     head_names = adaptation(model).head
     head = {k: v for k, v in tensors.items() if any(k.startswith(h + ".") for h in head_names)}
     result = set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if k not in head},
