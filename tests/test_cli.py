@@ -1,5 +1,6 @@
 """The command line: train/eval smoke test, params, config files, and every user error of issue section 6."""
 import json
+import os
 import subprocess
 import sys
 
@@ -20,8 +21,12 @@ def test_train_then_eval_reproduces_test_accuracy(image_folder, tmp_path, capsys
     out = tmp_path / "runs"
     assert main(["train", *TINY, "--data", str(image_folder), "--output", str(out)]) == 0
     (run,) = run_dirs(out)
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "train.log", "metrics.json", "metrics.jsonl",
-                                                "adapter.safetensors", "checkpoints", "tensorboard"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "data.json", "train.log", "metrics.json", "metrics.jsonl",
+                                                "adapter.safetensors", "checkpoints", "tensorboard", ".lock"}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for written in (run / "adapter.safetensors", run / "checkpoints" / "best.safetensors", run / "checkpoints" / "last.pt"):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # the user's mode, not safetensors' 0600
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "best.safetensors"}
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -101,10 +106,15 @@ def test_errors_are_one_line(image_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_unreadable_image_names_the_file(image_folder, tmp_path, capsys, workers):
-    (image_folder / "bee" / "broken.png").write_bytes(b"\x89PNG garbage")
+    broken = image_folder / "bee" / "broken.png"
+    broken.write_bytes(b"\x89PNG garbage")  # no image header: refused when the data loads, before a run exists
     out = tmp_path / "runs"
-    one_line_error(capsys, ["train", *TINY, "--data", str(image_folder), "--output", str(out), "--split", "full",
-                            "--workers", workers], "broken.png")
+    args = ["train", *TINY, "--data", str(image_folder), "--output", str(out), "--split", "full", "--workers", workers]
+    one_line_error(capsys, args, "broken.png")
+    assert not out.exists()
+    whole = (image_folder / "bee" / "0.png").read_bytes()
+    broken.write_bytes(whole[:len(whole) // 2])  # a whole header, half the pixels: found when it is decoded
+    one_line_error(capsys, args, "broken.png")
     (run,) = run_dirs(out)  # the run that started keeps its config and a log that says why it stopped
     assert "broken.png" in (run / "train.log").read_text() and (run / "config.yaml").exists()
 

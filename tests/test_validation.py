@@ -230,3 +230,93 @@ def test_cli_refuses_bad_data_in_one_line_before_a_run_directory_exists(tmp_path
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "row 3: label -1 is negative" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("argv,yaml_text,match", [
+    (["--set", "lr=abc"], None, "lr='abc' must be of type float | None"),
+    (["--set", "img_size=abc"], None, "img_size='abc' must be of type int | None"),
+    (["--set", "epochs=true"], None, "epochs=True must be of type int | None"),  # a bool is not an int
+    (["--set", "rnak=8"], None, "unknown option(s) rnak given (did you mean rank?)"),
+    ([], "lr: fast\n", "lr='fast' must be of type float | None"),
+    ([], "method_options: 5\n", "method_options=5 must be a mapping of option: value"),
+    ([], "rnak: 8\n", "unknown option(s) rnak in "),
+])
+def test_option_values_of_the_wrong_type_are_one_valueerror(argv, yaml_text, match, tmp_path):
+    from mslora.engine.config import config_from_args
+
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        argv = [*argv, "--config", str(tmp_path / "c.yaml")]
+    with pytest.raises(ValueError) as e:
+        config_from_args(argv)
+    assert match in str(e.value)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--adapter", "x", "--batch-size", "0"], "argument --batch-size: 0 is below 1"),
+    (["params", "--backbone", "test_resnet", "--num-classes", "-5"], "argument --num-classes: -5 is below 0"),
+    (["bench", "--backbone", "test_resnet", "--batch-size", "0"], "argument --batch-size: 0 is below 1"),
+    (["predict", "--adapter", "x", "--input", "y", "--top-k", "zero"], "argument --top-k: 'zero' is not an integer"),
+])
+def test_counts_below_their_least_are_refused_by_the_parser(argv, match, capsys):
+    from mslora.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_api_misuse_is_one_clear_exception(tmp_path):
+    import timm
+
+    import mslora
+    from mslora.core.peft_format import export_peft, import_peft
+    from mslora.engine.checkpoint import atomic_write
+
+    with pytest.raises(TypeError, match="adapt takes a model .* not str 'resnet18'"):
+        mslora.adapt("resnet18", "mslora")
+    model = mslora.adapt(timm.create_model("test_resnet"), "mslora", rank=8)
+    with pytest.raises(FileNotFoundError, match="folder '.*no/such' does not exist"):
+        mslora.save_adapter(model, tmp_path / "no" / "such" / "a.safetensors")
+    with pytest.raises(ValueError, match="metadata 'x' is not JSON"):
+        mslora.save_adapter(model, tmp_path / "a.safetensors", {"x": object()})
+    export_peft(mslora.adapt(timm.create_model("test_resnet"), "lora", rank=4), tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for change, match in (({"peft_type": None}, "is not a PEFT adapter config: .*peft_type"),
+                          ({"r": 8}, r"do not fit the adapter its config describes \(r=8\): size mismatch")):
+        broken = {k: v for k, v in {**config, **change}.items() if v is not None}
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=match):
+            import_peft(timm.create_model("test_resnet"), tmp_path / "peft")
+
+    def full_disk(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file: file write "
+                           "failed")
+    (tmp_path / "last.pt").write_bytes(b"the last good checkpoint")
+    with pytest.raises(OSError, match=r"cannot write '.*last.pt' \(disk full\?\): .*file write failed"):
+        atomic_write(tmp_path / "last.pt", full_disk)
+    assert (tmp_path / "last.pt").read_bytes() == b"the last good checkpoint"
+    assert not (tmp_path / ".last.pt.tmp").exists()
+
+
+def test_merge_into_a_missing_folder_eval_on_other_classes_and_two_images_of_one_name(image_folder, tmp_path, capsys):
+    from mslora.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["train", "--backbone", "test_resnet", "--no-pretrained", "--epochs", "1", "--batch-size", "8",
+                 "--img-size", "32", "--rank", "8", "--data", str(image_folder), "--output", str(out)]) == 0
+    (run,) = out.iterdir()
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "no" / "dir" / "m.safetensors")]) == 2
+    assert "folder '" in capsys.readouterr().err
+    other = tmp_path / "other"
+    for c in ("ant", "bee", "dog"):  # three classes, as the run's, one of another name
+        (other / c).mkdir(parents=True)
+        for i in range(3):
+            (other / c / f"{i}.png").write_bytes((image_folder / "ant" / f"{i}.png").read_bytes())
+    assert main(["eval", "--adapter", str(run), "--data", str(other)]) == 2
+    assert "class 2 is 'dog' there, 'cat' in the run" in capsys.readouterr().err
+    images = [image_folder / "ant" / "0.png", image_folder / "bee" / "0.png"]  # both named 0.png
+    assert main(["visualize", "--adapter", str(run), "--image", *map(str, images), "--output", str(tmp_path / "v")]) == 0
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["0_0_mslora.png", "0_1_mslora.png"]

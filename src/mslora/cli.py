@@ -30,6 +30,21 @@ from mslora.engine.rebuild import rebuild, run_config
 from mslora.registry import get_method, list_methods
 
 
+def count(least: int):
+    """An argparse ``type``: an integer of at least ``least`` (argparse prints the one-line error, naming the flag
+    and the value: a batch size of 0 would time or evaluate empty batches)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}")
+        return value
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
 def cmd_train(argv: list[str]) -> int:
     """``mslora train``: train (or ``--resume`` a run), print the key metrics as JSON and the run directory;
     returns 0 (a collapsed run says so on stderr and in its metrics.json)."""
@@ -54,8 +69,8 @@ def cmd_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mslora eval", description="Evaluate a trained adapter on the test split.")
     p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file")
     p.add_argument("--data", help="data source (default: the one the adapter was trained on)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: the training batch size)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: by device)")
+    p.add_argument("--batch-size", type=count(1), help="images per batch (default: the training batch size)")
+    p.add_argument("--workers", type=count(0), help="DataLoader worker processes (default: by device)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or mps")
     a = p.parse_args(argv)
     print(json.dumps(evaluate_adapter(a.adapter, a.data, a.batch_size, a.workers, a.device), indent=2))
@@ -73,8 +88,8 @@ def cmd_predict(argv: list[str]) -> int:
     p.add_argument("--adapter", required=True, help="run directory or adapter .safetensors file of a training run")
     p.add_argument("--input", required=True, nargs="+", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--output", default="predictions", help="folder for the files (default: predictions)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
-    p.add_argument("--top-k", type=int, default=5, help="classify: labels and probabilities kept per image "
+    p.add_argument("--batch-size", type=count(1), default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--top-k", type=count(1), default=5, help="classify: labels and probabilities kept per image "
                    "(default: 5)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detect: boxes scored below this are not "
                    "written (default: 0.5)")
@@ -106,6 +121,8 @@ def cmd_merge(argv: list[str]) -> int:
         raise ValueError(f"output '{out}' exists; choose a new file or folder (nothing is overwritten)")
     if out.suffix not in ("", ".safetensors"):
         raise ValueError(f"output '{out}' must end in .safetensors (one checkpoint file) or have no suffix (a folder)")
+    if out.suffix and not out.parent.is_dir():
+        raise FileNotFoundError(f"folder '{out.parent}' of output '{out}' does not exist")
     _, meta, cfg = run_config(a.adapter)
     if cfg.task != "classify":
         raise ValueError(f"'{a.adapter}' adapts a {cfg.task} model (backbone + neck + heads); mslora merge writes a "
@@ -137,7 +154,7 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (needs pip install -e '.[export]') or pt2")
     p.add_argument("--output", required=True, help="the file to write (must not exist)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: the traced batch of 2)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=count(7), help="ONNX opset (default: the exporter's)")
     a = p.parse_args(argv)
     print(f"exported: {export_run(a.adapter, a.format, a.output, a.dynamic_batch, a.opset)}")
     return 0
@@ -154,7 +171,7 @@ def cmd_params(argv: list[str]) -> int:
                                 "The papers' tables next to our counts: python benchmarks/paper_counts.py.")
     p.add_argument("--backbone", help="timm model name (required)")
     p.add_argument("--method", default="mslora", help=f"one of {', '.join(list_methods())} (default: mslora)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
+    p.add_argument("--num-classes", type=count(0), default=1000, help="classifier outputs (default: 1000)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     add_fields(p.add_argument_group(f"options of method '{method}'"), spec.config_cls)
     a = vars(p.parse_args(argv))
@@ -182,15 +199,15 @@ def cmd_bench(argv: list[str]) -> int:
                                 "backbone (inference; forward + backward to the input), full fine-tuning, PEFT's LoRA.")
     p.add_argument("--backbone", required=True, help="timm model name")
     p.add_argument("--methods", default="mslora", help="comma-separated method names (default: mslora)")
-    p.add_argument("--img-size", type=int, default=224, help="image side in pixels (default: 224)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    p.add_argument("--img-size", type=count(8), default=224, help="image side in pixels (default: 224)")
+    p.add_argument("--batch-size", type=count(1), default=32, help="images per step (default: 32)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 autocast (default: fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format for model and input, as `mslora train` (default: on)")
-    p.add_argument("--steps", type=int, default=12, help="timed rounds; the median is reported (default: 12)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: 3)")
-    p.add_argument("--rank", type=int, help=f"rank of mslora (default: the main job's {MAIN_JOB_METHOD_OPTIONS['rank']}) "
+    p.add_argument("--steps", type=count(1), default=12, help="timed rounds; the median is reported (default: 12)")
+    p.add_argument("--warmup", type=count(0), default=3, help="untimed rounds first (default: 3)")
+    p.add_argument("--rank", type=count(1), help=f"rank of mslora (default: the main job's {MAIN_JOB_METHOD_OPTIONS['rank']}) "
                    "and of lora / peft_lora (default: lora's own)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -237,7 +254,7 @@ def cmd_visualize(argv: list[str]) -> int:
     p.add_argument("--adapter", required=True, help="run directory or adapter file of an MSLoRA classification run")
     p.add_argument("--image", required=True, nargs="+", help="image file(s)")
     p.add_argument("--output", required=True, help="directory for the PNGs")
-    p.add_argument("--img-size", type=int, help="input size (default: the run's; larger gives finer maps)")
+    p.add_argument("--img-size", type=count(8), help="input size (default: the run's; larger gives finer maps)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     a = p.parse_args(argv)
     for path in visualize(a.adapter, a.image, a.output, a.img_size, a.device):
@@ -275,13 +292,13 @@ def cmd_serve(argv: list[str]) -> int:
                    help="adapters to serve, each a name and a run directory or adapter file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--workers", type=int, default=1, help="inference processes per device (default: 1)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests answered by one forward pass, at most "
+    p.add_argument("--workers", type=count(0), default=1, help="inference processes per device (default: 1)")
+    p.add_argument("--max-batch-size", type=count(1), default=16, help="requests answered by one forward pass, at most "
                    "(default: 16)")
     p.add_argument("--batch-timeout", type=float, default=0.01, help="seconds to wait for a batch to fill "
                    "(default: 0.01)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto: CUDA when present)")
-    p.add_argument("--top-k", type=int, default=5, help="classify: labels and probabilities returned (default: 5)")
+    p.add_argument("--top-k", type=count(1), default=5, help="classify: labels and probabilities returned (default: 5)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detect: boxes scored below this are left "
                    "out (default: 0.5)")
     a = p.parse_args(argv)

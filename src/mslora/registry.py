@@ -82,7 +82,7 @@ def fits(value: Any, tp: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
+    return isinstance(value, origin or tp)  # dict[str, Any] -> dict
 
 
 _METHODS: dict[str, Method] = {}

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -22,7 +21,7 @@ from mslora.core import named
 from mslora.core.hooks import collect_handles, freeze_backbone, freeze_batchnorm, head_module, is_inside, keep_handle
 from mslora.core.layout import record_image_size
 from mslora.core.state import (Adaptation, adaptation, architecture, backbone_digest, load_adapter_state,
-                               read_adapter)
+                               read_adapter, user_mode, write_safetensors)
 from mslora.registry import get_method
 
 
@@ -40,9 +39,13 @@ def adapt(model: nn.Module, method: str, **options: Any) -> nn.Module:
         **options: the method's config fields, e.g. ``rank=128, groups=4`` for ``mslora``.
 
     Raises:
+        TypeError: ``model`` is not a torch module (e.g. a model name).
         ValueError: unknown method (with close matches), unknown or invalid option, a model that is already
             adapted, or options that do not fit the backbone (e.g. ``groups`` not dividing a channel count).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adapt takes a model (a torch.nn.Module such as timm.create_model('resnet18')), not "
+                        f"{type(model).__name__} {model!r:.60}")
     if adaptation(model) is not None:
         raise ValueError(f"model is already adapted with '{adaptation(model).method}'; adapt a fresh model")
     spec = get_method(method)
@@ -208,12 +211,14 @@ def save_backbone(model: nn.Module, path: str | Path, label_names: list[str] | N
         raise ValueError(f"model is adapted with '{adaptation(model).method}'; mslora.merge or mslora.unadapt it first")
     path = Path(path)
     if path.suffix == ".safetensors":
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+        write_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
         return path
     from timm.models import save_for_hf  # imports huggingface_hub: only for this layout
 
     save_for_hf(model, str(path), model_config={"label_names": list(label_names)} if label_names else None,
                 model_args=model_args, data_config=data_config, safe_serialization=True)
+    for written in path.glob("*.safetensors"):  # safetensors writes 0600 files: the user's mode, as for any file
+        user_mode(written)
     return path
 
 

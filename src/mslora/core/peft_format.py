@@ -13,11 +13,11 @@ import copy
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from mslora.core.adapt import adapt, undo_failed
-from mslora.core.state import adaptation, adapter_state_dict, architecture
+from mslora.core.state import adaptation, adapter_state_dict, architecture, write_safetensors
 
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the timm model
 METHODS = {"lora": "LORA", "dora": "LORA", "hira": "HIRA"}
@@ -49,7 +49,7 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
     tensors.update({PREFIX + k: v for k, v in head.items()})
     out.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(str(out))
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
+    write_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / "adapter_model.safetensors",
               metadata={"format": "pt"})
     return out
 
@@ -68,7 +68,10 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"'{folder}' has no {name}: not a PEFT adapter folder")
-    cfg = PeftConfig.from_pretrained(str(folder))
+    try:
+        cfg = PeftConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError, KeyError) as e:  # PEFT's own check of the json (e.g. no peft_type)
+        raise ValueError(f"'{folder / 'adapter_config.json'}' is not a PEFT adapter config: {e}") from None
     kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
     if kind not in set(METHODS.values()):
         raise ValueError(f"PEFT method {kind} is not one mslora runs; it reads {', '.join(sorted(set(METHODS.values())))}")
@@ -89,6 +92,16 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         raise
 
 
+def cfg_r(folder: Path):
+    """The ``r`` of a PEFT folder's adapter_config.json (for messages), or '?'."""
+    import json
+
+    try:
+        return json.loads((folder / "adapter_config.json").read_text()).get("r", "?")
+    except (OSError, ValueError):
+        return "?"
+
+
 def _load_peft_tensors(model: nn.Module, folder: Path) -> nn.Module:
     """Load a PEFT folder's tensors into ``model`` just adapted for them (:func:`import_peft`).
 
@@ -104,8 +117,13 @@ def _load_peft_tensors(model: nn.Module, folder: Path) -> nn.Module:
     tensors = {k.removeprefix(PREFIX): v for k, v in loaded.items()}
     head_names = adaptation(model).head
     head = {k: v for k, v in tensors.items() if any(k.startswith(h + ".") for h in head_names)}
-    result = set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if k not in head},
-                                       adapter_name="default")
+    try:
+        result = set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if k not in head},
+                                           adapter_name="default")
+    except RuntimeError as e:  # torch's size mismatch: the config's r (or targets) are not the tensors'
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ValueError(f"PEFT tensors in '{folder}' do not fit the adapter its config describes (r={cfg_r(folder)}"
+                         f"): {first}") from None
     missing = [k for k in result.missing_keys if "lora_" in k or "hira_" in k]
     if result.unexpected_keys or missing:
         raise ValueError(f"PEFT adapter in '{folder}' does not fit this model: missing {missing[:3]}, unexpected "

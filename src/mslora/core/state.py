@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,21 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+                      ) -> None:
+    """safetensors' ``save_file``, the file then given the mode any file the user writes gets (0666 less the
+    umask; safetensors writes through a 0600 temporary file whose mode the rename keeps)."""
+    save_file(tensors, str(path), metadata=metadata)
+    user_mode(path)
+
+
+def user_mode(path: str | Path) -> None:
+    """Give ``path`` mode 0666 less the process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None,
                  backbone_sha256: str | None = None) -> Path:
     """Write the adapter file: :func:`adapter_state_dict` as safetensors, with the method and its config as
@@ -123,7 +139,9 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
     Returns the path written.
 
     Raises:
-        ValueError: the model was not adapted, or ``metadata`` names a reserved key (:data:`RESERVED`).
+        ValueError: the model was not adapted, ``metadata`` names a reserved key (:data:`RESERVED`) or holds a value
+            JSON cannot write.
+        FileNotFoundError: the folder of ``path`` does not exist.
     """
     rec = adaptation(model)
     if rec is None:
@@ -138,9 +156,15 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict[str, Any] | 
     meta = {"format": FORMAT, "method": rec.method, "config": json.dumps(dataclasses.asdict(rec.config)),
             "sha256": tensor_digest(tensors), "backbone": json.dumps(architecture(model)),
             "backbone_sha256": json.dumps(backbone_sha256 or backbone_digest(model)), "mslora_version": json.dumps(VERSION)}
-    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    for k, v in (metadata or {}).items():
+        try:
+            meta[k] = json.dumps(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata '{k}' is not JSON ({e}); give str, numbers, lists and dicts of them") from None
     path = Path(path)
-    save_file(tensors, str(path), metadata=meta)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder '{path.parent}' does not exist (save_adapter writes '{path.name}' into it)")
+    write_safetensors(tensors, path, meta)
     return path
 
 

@@ -87,7 +87,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            swap = im.getexif().get(EXIF_ORIENTATION) in _SWAPS
+            if im.format == "PNG":  # getexif would read every chunk (decode the image): an eXIf chunk before IDAT
+                exif = Image.Exif()
+                if im.info.get("exif"):
+                    exif.load(im.info["exif"])
+            else:
+                exif = im.getexif()  # JPEG, TIFF, WebP: in the header
+            swap = exif.get(EXIF_ORIENTATION) in _SWAPS
     except FileNotFoundError:
         raise ValueError(f"image '{path}' does not exist") from None
     except Exception as e:

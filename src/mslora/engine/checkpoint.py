@@ -15,16 +15,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from mslora.core.state import user_mode
+
 FORMAT = "mslora.checkpoint/1"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (after an fsync)."""
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (after an fsync), with the mode any
+    file the user writes gets (0666 less the umask: writers such as safetensors make 0600 temporary files).
+
+    Raises:
+        OSError: the write failed (a full disk: torch.save raises RuntimeError): the temporary file is removed and
+            ``path`` keeps what it held.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        user_mode(tmp)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write '{path}' (disk full?): {str(e).strip().splitlines()[-1]}") from None
     os.replace(tmp, path)
 
 

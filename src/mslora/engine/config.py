@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mslora.methods.options import option
-from mslora.registry import get_method
+from mslora.registry import fits, get_method
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -99,6 +99,12 @@ class TrainConfig:
     method_options: dict[str, Any] = option(help="the method's own options, e.g. rank", default_factory=dict)
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # YAML and --set give any type: lr 'fast', epochs true, options 5
+            value = getattr(self, f.name)
+            if not fits(value, hints[f.name]):
+                kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+                raise ValueError(f"{f.name}={value!r} must be of type {kind}")
         for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classify"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -318,8 +324,15 @@ def config_from_args(argv: list[str]) -> TrainConfig | str:
     values = {**from_yaml, **flags, **sets, **({"method": method} if known.method else {})}
     unknown = sorted(set(values) - train_names - method_names - {"method_options"})
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} in {known.config}; expected training options or "
+        import difflib
+
+        near = {k: difflib.get_close_matches(k, train_names | method_names, n=1) for k in unknown}
+        hint = "".join(f" (did you mean {m[0]}?)" for m in near.values() if m)
+        where = f"in {known.config}" if all(k in from_yaml for k in unknown) else "given"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} {where}{hint}; expected training options or "
                          f"options of method '{method}': {', '.join(sorted(method_names)) or '(none)'}")
+    if not isinstance(values.get("method_options", {}), dict):
+        raise ValueError(f"method_options={values['method_options']!r} must be a mapping of option: value")
     options = {**values.get("method_options", {}), **{k: v for k, v in values.items() if k in method_names}}
     if main_job_options:
         options = {**MAIN_JOB_METHOD_OPTIONS, **options}

@@ -45,7 +45,8 @@ def rebuild(adapter: str | Path, data: str | None = None, load_data: bool = Fals
     data, ``data`` or the run's own, for evaluation.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`run_config`; data whose class count differs from the run's.
+        FileNotFoundError / ValueError: see :func:`run_config`; data whose class count or class names (where both
+            have names, not numbers) differ from the run's.
     """
     path, meta, cfg = run_config(adapter, **overrides)
     if load_data or data is not None:
@@ -53,6 +54,11 @@ def rebuild(adapter: str | Path, data: str | None = None, load_data: bool = Fals
         if "num_classes" in meta and task.num_classes != meta["num_classes"]:
             raise ValueError(f"data '{data or cfg.data}' has {task.num_classes} classes, the adapter was trained "
                              f"on {meta['num_classes']}")
+        named = [c for c in (task.classes, meta.get("classes")) if c and not all(str(x).isdigit() for x in c)]
+        if len(named) == 2 and list(named[0]) != list(named[1]):  # class i of the data must be class i of the run
+            diff = next(i for i, (a, b) in enumerate(zip(*named)) if a != b)
+            raise ValueError(f"data '{data or cfg.data}' has other classes than the adapter was trained on: class "
+                             f"{diff} is '{named[0][diff]}' there, '{named[1][diff]}' in the run")
     else:
         task = get_task(cfg.task)(cfg, classes=meta["classes"])
     set_seed(cfg.seed)  # a random-init backbone (--no-pretrained) is rebuilt exactly as in training

@@ -110,7 +110,8 @@ def draw(image, rows: list[dict[str, Any]], path: Path, index: int = 0) -> Path:
 def visualize(adapter: str | Path, images: list[str | Path], output: str | Path, img_size: int | None = None,
               device: str = "cpu") -> list[Path]:
     """Draw one PNG per image for the MSLoRA adapter of a classification run (``adapter``: its directory or
-    ``adapter.safetensors``); ``img_size`` overrides the run's (larger images give finer maps).
+    ``adapter.safetensors``), ``STEM_mslora.png`` (``STEM_<k>_mslora.png`` for images that share a file name, k
+    their position); ``img_size`` overrides the run's (larger images give finer maps).
 
     Raises:
         FileNotFoundError: no adapter file or image.
@@ -132,10 +133,12 @@ def visualize(adapter: str | Path, images: list[str | Path], output: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     written = []
     mean, std = torch.tensor(dc["mean"])[:, None, None], torch.tensor(dc["std"])[:, None, None]
-    for img in images:
+    stems = [Path(img).stem for img in images]
+    for k, img in enumerate(images):
         x = tf(load_rgb(str(img)))[None]
         rows = choose_sites([{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()}
                              for r in site_maps(model, x.to(device))])
         shown = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        written.append(draw(shown, rows, out / f"{Path(img).stem}_mslora.png"))
+        name = stems[k] if stems.count(stems[k]) == 1 else f"{stems[k]}_{k}"  # two images of one name: both kept
+        written.append(draw(shown, rows, out / f"{name}_mslora.png"))
     return written
