@@ -253,7 +253,7 @@ def _history(run):
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_collapsed_run_says_so_in_metrics_and_on_stderr(tmp_path, capsys):
+def test_a_collapsed_run_says_so_in_metrics_and_on_stderr(tmp_path, capsys, caplog):
     # three classes of one and the same grey image: nothing to learn, the loss stays at ln 3 and every image gets
     # one class (a third of the validation images right)
     root = tmp_path / "blank"
@@ -262,12 +262,22 @@ def test_a_collapsed_run_says_so_in_metrics_and_on_stderr(tmp_path, capsys):
         for i in range(20):
             Image.fromarray(np.full((24, 24, 3), 128, np.uint8)).save(root / name / f"{i}.png")
     out = tmp_path / "runs"
-    assert main(["train", *TINY, "--data", str(root), "--epochs", "2", "--batch-size", "8", "--lr", "1e-12",
+    assert main(["train", *TINY, "--data", str(root), "--epochs", "2", "--batch-size", "4", "--lr", "1e-12",
                  "--output", str(out)]) == 0
     m = json.loads((only_run(out) / "metrics.json").read_text())
+    assert m["optimiser_steps"] >= 20 and not m["too_short_to_judge"]
     assert m["collapsed"] is True and "stayed at chance level ln(3)" in m["collapse_reason"]
     err = capsys.readouterr().err
     assert "the run collapsed" in err and "collapsed: true" in err
+    # the same at one optimiser step an epoch: too short to tell from a run that has not learnt yet
+    short = tmp_path / "short"
+    assert main(["train", *TINY, "--data", str(root), "--epochs", "2", "--batch-size", "64", "--lr", "1e-12",
+                 "--warmup-epochs", "2", "--output", str(short)]) == 0
+    m = json.loads((only_run(short) / "metrics.json").read_text())
+    assert m["optimiser_steps"] == 2 and m["too_short_to_judge"] and not m["collapsed"]
+    log = (only_run(short) / "train.log").read_text()
+    assert "2 optimiser steps are too few to tell" in log and "the run collapsed" not in log
+    assert "epochs=2 is not above warmup_epochs=2: the learning rate never reaches its peak" in caplog.text
 
 
 def test_grad_accum_equals_one_batch_that_many_times_larger(folder, tmp_path):

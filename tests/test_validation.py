@@ -317,6 +317,12 @@ def test_merge_into_a_missing_folder_eval_on_other_classes_and_two_images_of_one
             (other / c / f"{i}.png").write_bytes((image_folder / "ant" / f"{i}.png").read_bytes())
     assert main(["eval", "--adapter", str(run), "--data", str(other)]) == 2
     assert "class 2 is 'dog' there, 'cat' in the run" in capsys.readouterr().err
+    (other / "dog").rename(other / "cat")
+    assert main(["eval", "--adapter", str(run), "--data", str(other)]) == 0  # one pool: every image, not 15%
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_images"] == 9 and result["evaluated"].startswith("every image of")
+    assert main(["eval", "--adapter", str(run)]) == 0  # the run's own data: its test split
+    assert json.loads(capsys.readouterr().out)["evaluated"] == "test"
     images = [image_folder / "ant" / "0.png", image_folder / "bee" / "0.png"]  # both named 0.png
     assert main(["visualize", "--adapter", str(run), "--image", *map(str, images), "--output", str(tmp_path / "v")]) == 0
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["0_0_mslora.png", "0_1_mslora.png"]

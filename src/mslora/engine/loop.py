@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import time
 from datetime import datetime
@@ -53,11 +54,12 @@ from mslora.core.state import (adapter_state_dict, backbone_digest, count_parame
 from mslora.engine.checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mslora.engine.config import TrainConfig, default_workers
 from mslora.engine.rebuild import rebuild
-from mslora.data.transforms import fingerprint
+from mslora.data.transforms import Subset, fingerprint
 from mslora.engine.sampler import EpochSampler
 from mslora.registry import get_task
 
 log = logging.getLogger("mslora")
+MIN_STEPS_TO_JUDGE = 20  # fewer optimiser steps than this: a run at chance has not learnt yet, not collapsed
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # our names -> Accelerate's mixed_precision
 
 
@@ -218,6 +220,9 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None) -> tuple[dict[str
         TrainingDiverged: the loss became NaN or Inf (the message names the step; the last checkpoint stays).
     """
     task = get_task(cfg.task)(cfg)
+    if cfg.epochs <= cfg.warmup_epochs:
+        log.warning("WARNING: epochs=%d is not above warmup_epochs=%d: the learning rate never reaches its peak "
+                    "lr=%g (it is still warming up when the run ends)", cfg.epochs, cfg.warmup_epochs, cfg.lr)
     acc, ddp = make_accelerator(cfg)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     model = task.build_model()
@@ -438,13 +443,18 @@ class Loop:
         test = task.evaluate(self.model, self.test_loader, acc.gather_for_metrics, "test")
         seconds = time.perf_counter() - t_start
         collapsed = task.collapsed(state["history"])
+        short = collapsed is not None and state["step"] < MIN_STEPS_TO_JUDGE and math.isfinite(
+            state["history"][-1]["train_loss"])
+        if short:  # at chance after a handful of steps: not yet learnt, which is not a collapse
+            collapsed = None
         metrics = {
             "task": cfg.task, "method": cfg.method, "backbone": cfg.backbone, "dataset": task.metadata().get("dataset"),
             "split": cfg.split, **self.counts,
             f"val_{task.best_metric}": state["best_value"], **{f"test_{k}": v for k, v in test.items()},
             "best_epoch": state["best_epoch"], "epochs": cfg.epochs, "lr": cfg.lr, "img_size": cfg.img_size,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "collapsed": collapsed is not None,
-            "collapse_reason": collapsed, "train_images": len(task.datasets["train"]),
+            "collapse_reason": collapsed, "too_short_to_judge": short, "optimiser_steps": state["step"],
+            "train_images": len(task.datasets["train"]),
             "val_images": len(task.datasets["val"]), "device": str(acc.device), "processes": acc.num_processes,
             "precision": cfg.precision, "channels_last": cfg.channels_last, "threads": torch.get_num_threads(),
             "images_per_s": round(sum(h["images_per_s"] for h in state["history"]) / len(state["history"]), 1),
@@ -453,6 +463,10 @@ class Loop:
         if self.main:
             if collapsed:
                 log.warning("WARNING: the run collapsed: %s; metrics.json says collapsed: true", collapsed)
+            if short:
+                log.warning("WARNING: %d optimiser steps are too few to tell a run that has not learnt yet from one "
+                            "that collapsed (its training loss is still at chance); train longer before reporting "
+                            "it (metrics.json: too_short_to_judge)", state["step"])
             atomic_write(self.run / "adapter.safetensors",
                          lambda tmp: save_adapter(self.unwrapped, tmp, self.meta, self.fingerprint))
             atomic_write(self.run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -545,8 +559,9 @@ def evaluate_adapter(adapter: str | Path, data: str | None = None, batch_size: i
         workers: DataLoader worker processes; default by device.
         device: auto, cpu, cuda or mps.
 
-    Returns a dict with method, backbone, dataset and the task's test metrics (``test_top1``, ``test_top5``,
-    ``test_loss``, ``test_images`` for classification).
+    Returns a dict with method, backbone, dataset, ``evaluated`` (which images: ``test``, the source's test split,
+    or every image of ``data`` when it is one pool that the run's seeded split would cut to 15%) and the task's test
+    metrics (``test_top1``, ``test_top5``, ``test_loss``, ``test_images`` for classification).
 
     Raises:
         FileNotFoundError / ValueError: no adapter file, not an adapter file, or data that does not fit.
@@ -556,9 +571,16 @@ def evaluate_adapter(adapter: str | Path, data: str | None = None, batch_size: i
     cfg = task.cfg
     acc, _ = make_accelerator(cfg)
     task.set_transforms(model)
+    test, split = task.datasets.get("test"), "test"
+    other = data is not None and os.path.realpath(data) != os.path.realpath(cfg.data)
+    if other and test is not None and task.datasets["train"].base is test.base is task.datasets["val"].base:
+        # other data held in one pool (a folder of class sub-folders, one CSV): the run's seeded 70/15/15 split
+        # would test 15% of it; every image is evaluated instead
+        task.datasets["test"] = Subset(test.base, range(len(test.base)), test.transform)
+        split = f"every image of '{data}' (one pool, no test split of its own)"
     workers = cfg.workers if cfg.workers is not None else default_workers(acc.device.type)
     loader, _ = make_loader(task, "test", cfg, workers, acc.device.type == "cuda")
     model, loader = acc.prepare(model, loader)
     test = task.evaluate(model, loader, acc.gather_for_metrics, "test")
     return {"method": cfg.method, "backbone": cfg.backbone, "dataset": task.metadata().get("dataset"),
-            **{f"test_{k}": v for k, v in test.items()}}
+            "evaluated": split, **{f"test_{k}": v for k, v in test.items()}}

@@ -110,12 +110,13 @@ class Classification(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, gather: Callable[[Any], Any], desc: str = "eval") -> dict[str, float]:
-        """Top-1, top-5 (fractions in [0, 1], torchmetrics micro accuracy; top-5 is top-k with k = min(5, classes))
-        and mean cross-entropy over every image of the split, gathered from all processes."""
+        """Top-1, top-5 (fractions in [0, 1], torchmetrics micro accuracy; top-5 only with more than 5 classes,
+        where it is not always 1) and mean cross-entropy over every image of the split, gathered from all
+        processes."""
         model.eval()
         c = self.num_classes
         top1 = MulticlassAccuracy(c, top_k=1, average="micro")
-        top5 = MulticlassAccuracy(c, top_k=min(5, c), average="micro")
+        top5 = MulticlassAccuracy(c, top_k=5, average="micro") if c > 5 else None
         loss_sum, n = 0.0, 0
         for x, y in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
             logits, y = gather((model(x).float(), y))
@@ -123,8 +124,10 @@ class Classification(Task):
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             n += len(y)
             top1.update(logits, y)
-            top5.update(logits, y)
-        return {"top1": top1.compute().item(), "top5": top5.compute().item(), "loss": loss_sum / max(n, 1), "images": n}
+            if top5 is not None:
+                top5.update(logits, y)
+        return {"top1": top1.compute().item(), **({"top5": top5.compute().item()} if top5 is not None else {}),
+                "loss": loss_sum / max(n, 1), "images": n}
 
     def collapsed(self, history: list[dict[str, Any]]) -> str | None:
         """Collapsed: a non-finite training loss, or after two or more epochs a last-epoch training loss still at
