@@ -162,7 +162,8 @@ def test_dense_task_trains_and_its_adapter_file_rebuilds_the_model(task, metric,
     t = get_task(task)(cfg)
     torch.manual_seed(0)
     rebuilt = t.build_model(adapter=run / "adapter.safetensors").eval()
-    tensors, _ = mslora.core.state.read_adapter(run / "adapter.safetensors")
+    tensors, meta = mslora.core.state.read_adapter(run / "adapter.safetensors")
+    assert meta["backbone"] == cfg.backbone  # the timm backbone inside the detector / segmenter, not null
     assert any(k.startswith(("backbone.fpn.", "roi_heads.", "decode_head.")) for k in tensors)
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in tensors.items())
 

@@ -63,7 +63,9 @@ def test_channel_shuffle_mixes_groups():
     assert d_plain == 0 and d_shuf > 0
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(in_channels=30, groups=4), "groups=4 must divide in_channels=30"),
+@pytest.mark.parametrize("kwargs,match", [(dict(in_channels=30, groups=4),
+                                           r"groups=4 must divide in_channels=30; .*the nearest is groups=2;"),
+                                          (dict(in_channels=10, rank=32, groups=8), r"the nearest is groups=2;"),
                                           (dict(in_channels=32, rank=30, groups=4), "groups=4 must divide rank=30")])
 def test_groups_must_divide(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -326,3 +326,6 @@ def test_merge_into_a_missing_folder_eval_on_other_classes_and_two_images_of_one
     images = [image_folder / "ant" / "0.png", image_folder / "bee" / "0.png"]  # both named 0.png
     assert main(["visualize", "--adapter", str(run), "--image", *map(str, images), "--output", str(tmp_path / "v")]) == 0
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["0_0_mslora.png", "0_1_mslora.png"]
+    assert main(["visualize", "--adapter", str(run), "--image", str(image_folder / "bee"), "--output",
+                 str(tmp_path / "w")]) == 0  # a folder: its images
+    assert len(list((tmp_path / "w").iterdir())) == 8

@@ -62,7 +62,7 @@ def test_visualize_cli(image_folder, tmp_path, capsys):
     assert str(png) in capsys.readouterr().out and Image.open(png).size[0] > 400
     assert main(["visualize", "--adapter", str(run), "--image", str(tmp_path / "none.png"), "--output",
                  str(tmp_path / "v2")]) == 2
-    assert "image" in capsys.readouterr().err
+    assert "none.png' is no file, folder or pattern" in capsys.readouterr().err
     assert main(["train", "--method", "bitfit", *common]) == 0
     other = next(p for p in out.iterdir() if p.name.startswith("bitfit"))
     assert main(["visualize", "--adapter", str(other), "--image", str(image), "--output", str(tmp_path / "v3")]) == 2

@@ -202,9 +202,10 @@ def backbone_digest(model: nn.Module) -> str | None:
 
 
 def architecture(model: nn.Module) -> str | None:
-    """The timm architecture name of ``model`` (its ``pretrained_cfg``), or None for a model timm did not make
-    (e.g. a detector around a timm backbone)."""
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    """The timm architecture name of ``model`` (its ``pretrained_cfg``); for a model timm did not make (a detector
+    or segmenter around a timm backbone) that of the first timm model inside it; None when there is none."""
+    cfg = next((m.pretrained_cfg for m in model.modules() if getattr(m, "pretrained_cfg", None)), None)
+    return (cfg or {}).get("architecture")
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

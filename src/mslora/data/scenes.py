@@ -157,6 +157,9 @@ def default_scenes(fashion_mnist: str | Path | None = None) -> Path:
     if not is_idx_dir(src):
         raise FileNotFoundError(f"Fashion-MNIST idx files not found in '{src}' (install Debian's "
                                 "dataset-fashion-mnist or set FASHION_MNIST_DIR); the scene set is made from them")
+    import logging
+
+    logging.getLogger("mslora").info("making the offline scene set (COCO layout, about 25 MB, once) in %s ...", root)
     fm = fashion_mnist_root(src)
     tr, te = (datasets.FashionMNIST(str(fm), train=t, download=False) for t in (True, False))
     tmp = cache / f".fashion-mnist-scenes-v{VERSION}.{os.getpid()}"

@@ -11,6 +11,7 @@ the down-projection, three depth-wise convs and the point-wise conv have D each,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -115,8 +116,10 @@ class MSLoRA(nn.Module):
         super().__init__()
         where = f" of {name}" if name else ""
         if in_channels % groups:
+            near = min((g for g in range(1, math.gcd(in_channels, rank) + 1) if in_channels % g == 0 and rank % g == 0),
+                       key=lambda g: (abs(g - groups), -g))
             raise ValueError(f"groups={groups} must divide in_channels={in_channels}{where}; pass groups that divide "
-                             "every site's channel count (groups=1 always does)")
+                             f"every site's channel count (here the nearest is groups={near}; groups=1 always does)")
         if rank % groups:
             raise ValueError(f"groups={groups} must divide rank={rank}")
         dd = {"device": device, "dtype": dtype}

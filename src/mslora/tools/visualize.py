@@ -113,6 +113,8 @@ def visualize(adapter: str | Path, images: list[str | Path], output: str | Path,
     ``adapter.safetensors``), ``STEM_mslora.png`` (``STEM_<k>_mslora.png`` for images that share a file name, k
     their position); ``img_size`` overrides the run's (larger images give finer maps).
 
+    ``images``: files, folders (their images, any depth) or glob patterns (:func:`mslora.tools.predict.collect`).
+
     Raises:
         FileNotFoundError: no adapter file or image.
         ValueError: not an MSLoRA classification run, or an unreadable image (named).
@@ -122,9 +124,9 @@ def visualize(adapter: str | Path, images: list[str | Path], output: str | Path,
         raise ValueError(f"'{path}' is a {meta['method']} adapter; visualize draws MSLoRA's reweighting")
     if cfg.task != "classify":
         raise ValueError(f"'{path}' is not from an mslora classification run (mslora train --task classify)")
-    for img in images:
-        if not Path(img).is_file():
-            raise FileNotFoundError(f"image '{img}' does not exist")
+    from mslora.tools.predict import collect
+
+    images = collect([str(img) for img in images])  # files, folders (their images), glob patterns
     _, model, _ = rebuild(path, workers=0)
     model = model.to(device).eval()
     dc = resolve_model_data_config(model)
