@@ -39,6 +39,7 @@ def test_train_then_eval_reproduces_test_accuracy(image_folder, tmp_path, capsys
               "epochs", "seconds"):
         assert k in m
     assert "test_top5" not in m  # 3 classes: top-5 would always be 1
+    assert m["split"] == "random1k" and m["split_pools"].startswith("one pool split 70 / 15 / 15")
     assert m["method"] == "mslora" and m["epochs"] == 2 and m["test_images"] == 4
     assert all(0.0 <= m[k] <= 1.0 for k in ("val_top1", "test_top1"))
     assert m["trainable_params"] == m["adapter_params"] + m["head_params"] > 0

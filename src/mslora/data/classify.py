@@ -37,6 +37,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SPLITS = ("random1k", "full", "train800", "train800val200")
 VTAB_SPLITS = ("train800", "train800val200")
+ONE_POOL = "one pool split 70 / 15 / 15 (seeded by split_seed) into train / val / test pools"
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ClassificationData:
     test: Subset
     val_in_train: bool = False  # VTAB-1k's train800val200 protocol: validation images are trained on
     split: str = "random1k"  # the split these datasets were made with
+    pools: str = "the source's own train / val / test"  # where the split drew from (metrics.json: split_pools)
 
     @property
     def num_classes(self) -> int:
@@ -181,7 +183,8 @@ def _from_pools(name: str, classes: list[str], pools: dict, split: str, seed: in
         k = max(1, round(0.15 * len(tr)))
         test_idx, val_pool, train_pool = order[:k], order[k:2 * k], order[2 * k:]
         train, val = _split(train_pool, val_pool, split, seed)
-        return ClassificationData(name, classes, Subset(tr, train), Subset(tr, val), Subset(tr, test_idx))
+        return ClassificationData(name, classes, Subset(tr, train), Subset(tr, val), Subset(tr, test_idx),
+                                  pools=ONE_POOL)
     train, val = _split(train_pool, list(range(len(va))) if va is not None else None, split, seed)
     return ClassificationData(name, classes, Subset(tr, train), Subset(va if va is not None else tr, val),
                               Subset(te, range(len(te))))
@@ -281,6 +284,7 @@ def _image_folder(path: Path, split: str, seed: int) -> ClassificationData:
     n_val, n_test = max(1, round(0.15 * n)), max(1, round(0.15 * n))
     test, val_pool, train_pool = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     train, val = _split(train_pool, val_pool, split, seed)
-    return ClassificationData(path.name, base.classes, Subset(base, train), Subset(base, val), Subset(base, test))
+    return ClassificationData(path.name, base.classes, Subset(base, train), Subset(base, val), Subset(base, test),
+                              pools=ONE_POOL)
 
 

@@ -449,7 +449,7 @@ class Loop:
             collapsed = None
         metrics = {
             "task": cfg.task, "method": cfg.method, "backbone": cfg.backbone, "dataset": task.metadata().get("dataset"),
-            "split": cfg.split, **self.counts,
+            "split": cfg.split, "split_pools": getattr(task.data, "pools", None), **self.counts,
             f"val_{task.best_metric}": state["best_value"], **{f"test_{k}": v for k, v in test.items()},
             "best_epoch": state["best_epoch"], "epochs": cfg.epochs, "lr": cfg.lr, "img_size": cfg.img_size,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "collapsed": collapsed is not None,
