@@ -8,11 +8,13 @@ from mslora.cli import main
 from mslora.tools.report import report
 
 
-def _run(root, name, method, seed, test, collapsed=False, params=1000):
+def _run(root, name, method, seed, test, collapsed=False, params=1000, backbone="b", rank=None):
     d = root / name
     d.mkdir(parents=True)
+    if rank is not None:
+        (d / "config.yaml").write_text(f"method: {method}\nmethod_options:\n  rank: {rank}\n")
     (d / "metrics.json").write_text(json.dumps({
-        "task": "classify", "dataset": "toy", "method": method, "backbone": "b", "seed": seed,
+        "task": "classify", "dataset": "toy", "method": method, "backbone": backbone, "seed": seed,
         "trainable_params": params, "val_top1": test + 0.01, "test_top1": test, "best_epoch": 2,
         "collapsed": collapsed, "collapse_reason": "chance level" if collapsed else None, "seconds": 1.0}))
     (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_loss": 1 / e, "val_top1": test * e / 2})
@@ -24,11 +26,24 @@ def test_report_table_and_plots(tmp_path):
     runs = [_run(tmp_path, "a0", "mslora", 0, 0.80), _run(tmp_path, "a1", "mslora", 1, 0.90),
             _run(tmp_path, "a2", "mslora", 2, 0.10, collapsed=True), _run(tmp_path, "b0", "lora", 0, 0.85, params=5000)]
     md = report(runs, tmp_path / "out").read_text()
-    assert "| classify | toy | mslora | top1 | 85.00 ± 7.07 | 2 | a2 (seed 2) |" in md  # 80 and 90, not 10
-    assert "| classify | toy | lora | top1 | 85.00 | 1 | none |" in md
+    assert "| classify | toy | b | mslora | - | top1 | 85.00 ± 7.07 | 2 | a2 (seed 2) |" in md  # 80 and 90, not 10
+    assert "| classify | toy | b | lora | - | top1 | 85.00 | 1 | none |" in md
     assert "| a2 | classify | toy | mslora | b | 2 | 1,000 | 11.00 | 10.00 | 2 | chance level | 1.0 |" in md
     for png in ("learning_curves.png", "metric_vs_params.png"):
         assert f"]({png})" in md and Image.open(tmp_path / "out" / png).size[0] > 300
+
+
+def test_runs_on_other_backbones_or_options_are_other_rows_and_labels(tmp_path):
+    from mslora.tools.report import labels, load_run
+
+    runs = [_run(tmp_path, "r0", "lora", 0, 0.80, rank=8), _run(tmp_path, "r1", "lora", 0, 0.60, rank=32),
+            _run(tmp_path, "r2", "lora", 0, 0.70, rank=8, backbone="vit"), _run(tmp_path, "r3", "lora", 0, 0.90, rank=8)]
+    md = report(runs, tmp_path / "out").read_text()
+    assert "| classify | toy | b | lora | rank=8 | top1 | 85.00 ± 7.07 | 2 | none |" in md
+    assert "| classify | toy | b | lora | rank=32 | top1 | 60.00 | 1 | none |" in md
+    assert "| classify | toy | vit | lora | rank=8 | top1 | 70.00 | 1 | none |" in md
+    assert labels([load_run(r) for r in runs]) == ["lora b rank=8 seed 0 (r0)", "lora b rank=32 seed 0",
+                                                   "lora vit rank=8 seed 0", "lora b rank=8 seed 0 (r3)"]
 
 
 def test_report_errors_before_writing(tmp_path, capsys):
