@@ -123,7 +123,7 @@ class MSLoRA(nn.Module):
         if rank % groups:
             raise ValueError(f"groups={groups} must divide rank={rank}")
         dd = {"device": device, "dtype": dtype}
-        self.layout, self.grad_checkpointing = layout, grad_checkpointing
+        self.layout, self.grad_checkpointing, self.site = layout, grad_checkpointing, name  # site: the block it adapts
         self.norm = LayerNorm2d(in_channels, **dd) if input_norm else nn.Identity()  # pre-norm backbones (Sec. 4.1)
         self.proj = nn.Conv2d(in_channels, rank, 1, groups=groups, **dd)  # linear branch Proj (Sec. 3.1)
         self.trans = MultiScaleTransform(in_channels, rank=rank, groups=groups, kernel_sizes=kernel_sizes,

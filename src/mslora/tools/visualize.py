@@ -30,7 +30,8 @@ def mslora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def site_maps(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
-    """Per MSLoRA module: ``name`` and channel-mean magnitude maps (B, H, W) of the frozen backbone's features
+    """Per MSLoRA module: ``name`` (its module path), ``site`` (the backbone block it adapts) and channel-mean
+    magnitude maps (B, H, W) of the frozen backbone's features
     (``frozen``, all adapters bypassed), the adapted output (``adapted``) and the reweighting (``update``).
 
     Raises:
@@ -53,8 +54,8 @@ def site_maps(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
     def record(mod, args, out, n):
         f = mod.layout.to_2d(args[0])[0]
         h = mod.reweighting(f)
-        rows.append({"name": n, "frozen": frozen[n].abs().mean(1), "adapted": (f + h).abs().mean(1),
-                     "update": h.abs().mean(1)})
+        rows.append({"name": n, "site": getattr(mod, "site", "") or n, "frozen": frozen[n].abs().mean(1),
+                     "adapted": (f + h).abs().mean(1), "update": h.abs().mean(1)})
 
     hooks = [m.register_forward_hook(lambda mod, args, out, n=n: record(mod, args, out, n)) for n, m in mods]
     try:
@@ -75,32 +76,40 @@ def choose_sites(rows: list[dict[str, Any]], per_plain: int = 4) -> list[dict[st
     return [r for i, r in enumerate(rows) if i + 1 == len(rows) or sizes[i + 1] != sizes[i]]
 
 
-def _overlay(ax, image, heat, title: str) -> None:
-    heat = heat - heat.min()
-    heat = heat / heat.max().clamp_min(1e-12)
+def _overlay(ax, image, heat, title: str, vmin: float, vmax: float):
+    """``heat`` (h, w) upsampled over ``image`` on the colour scale [vmin, vmax]; returns the mappable."""
     up = F.interpolate(heat[None, None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     ax.imshow(image)
-    ax.imshow(up.numpy(), cmap="jet", alpha=0.5)
+    shown = ax.imshow(up.numpy(), cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
     ax.set_title(title, fontsize="small")
     ax.axis("off")
+    return shown
 
 
-def draw(image, rows: list[dict[str, Any]], path: Path, index: int = 0) -> Path:
-    """Write the figure for one image (``image``: (H, W, 3) array in [0, 1]) of the chosen ``rows``."""
+def draw(image, rows: list[dict[str, Any]], path: Path, index: int = 0, caption: str = "") -> Path:
+    """Write the figure for one image (``image``: (H, W, 3) array in [0, 1]) of the chosen ``rows``: per site, the
+    frozen and adapted magnitudes on one shared colour scale (so they compare) and the reweighting on its own, each
+    with its colour bar; ``caption`` (e.g. the predicted class) above."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 4, figsize=(11, 2.7 * len(rows) + 0.4), squeeze=False)
     for ax_row, r in zip(axes, rows):
         h, w = r["frozen"].shape[-2:]
         ax_row[0].imshow(image)
-        ax_row[0].set_title(f"{r['name']} ({h}x{w})", fontsize="small")
+        ax_row[0].set_title(f"{r.get('site') or r['name']} ({h}x{w})", fontsize="small")  # the backbone's block
         ax_row[0].axis("off")
-        _overlay(ax_row[1], image, r["frozen"][index], "frozen backbone |F|")
-        _overlay(ax_row[2], image, r["adapted"][index], "adapted |F + H(F)|")
-        _overlay(ax_row[3], image, r["update"][index], "reweighting |H(F)|")
+        both = torch.stack([r["frozen"][index], r["adapted"][index]])
+        lo, hi = float(both.min()), max(float(both.max()), float(both.min()) + 1e-12)
+        for ax, key, title in ((ax_row[1], "frozen", "frozen backbone |F|"), (ax_row[2], "adapted", "adapted |F + H(F)|")):
+            fig.colorbar(_overlay(ax, image, r[key][index], title, lo, hi), ax=ax, fraction=0.046, pad=0.02)
+        u = r["update"][index]
+        shown = _overlay(ax_row[3], image, u, "reweighting |H(F)|", float(u.min()), max(float(u.max()), float(u.min()) + 1e-12))
+        fig.colorbar(shown, ax=ax_row[3], fraction=0.046, pad=0.02)
+    if caption:
+        fig.suptitle(caption, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -141,6 +150,10 @@ def visualize(adapter: str | Path, images: list[str | Path], output: str | Path,
         rows = choose_sites([{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()}
                              for r in site_maps(model, x.to(device))])
         shown = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        with torch.no_grad():
+            probs = model(x.to(device)).float().softmax(-1)[0].cpu()
+        top = int(probs.argmax())
+        caption = f"{Path(img).name}: predicted {meta['classes'][top] if meta.get('classes') else top} ({probs[top]:.0%})"
         name = stems[k] if stems.count(stems[k]) == 1 else f"{stems[k]}_{k}"  # two images of one name: both kept
-        written.append(draw(shown, rows, out / f"{name}_mslora.png"))
+        written.append(draw(shown, rows, out / f"{name}_mslora.png", caption=caption))
     return written
