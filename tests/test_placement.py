@@ -26,6 +26,7 @@ ADAPTS = [
     "repghostnet_050", "tiny_vit_5m_224", "visformer_tiny", "legacy_xception", "xcit_nano_12_p8_224", "ghostnet_050",
     "repvit_m1", "res2next50", "cpubone_nano", "focalnet_tiny_srf", "rdnet_tiny", "densenet121", "gcvit_xxtiny",
     "crossvit_tiny_240", "test_maxvit",
+    "eva02_tiny_patch14_224",  # patch 14: probed at two patches more (252 px), not 32 px (256: no grid)
 ]
 # Refusals: a ValueError saying why.
 REFUSES = {

@@ -230,7 +230,8 @@ def probe_forward(model: nn.Module, names: list[str], on_input: dict[str, bool],
 
 
 def _probe(model: nn.Module, names: list[str], on_input: dict[str, bool]) -> tuple[list[_Probe], list[tuple[int, int]]]:
-    """Probe at the default input size and at a second one (32 px more each side, else twice the size; on the meta
+    """Probe at the default input size and at a second one (two patches more each side, 32 px for CNNs and patch-16
+    models, else twice the size; on the meta
     copy, with timm's ``set_input_size`` when the model takes one size only). Returns the probes that ran and
     their sizes.
 
@@ -247,7 +248,10 @@ def _probe(model: nn.Module, names: list[str], on_input: dict[str, bool]) -> tup
         except Exception as e:
             raise ValueError(f"cannot run {type(model).__name__} on a {h}x{w} image to find its adapter sites: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    for size in ((h + 32, w + 32), (2 * h, 2 * w)):
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None) or 16
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)[:2]
+    # a second size two patches larger (32 px at patch 16): at patch 14 (EVA-02, DINOv2) h + 32 splits into no grid
+    for size in ((h + 2 * ph, w + 2 * pw), (2 * h, 2 * w)):
         try:
             return [first, probe_forward(meta_copy, names, on_input, size)], [(h, w), size]
         except Exception:
@@ -256,8 +260,9 @@ def _probe(model: nn.Module, names: list[str], on_input: dict[str, bool]) -> tup
     level = timm_log.level
     try:
         timm_log.setLevel(logging.WARNING)  # not "Resized position embedding" on every adapt
-        meta_copy.set_input_size(img_size=(h + 32, w + 32))
-        return [first, probe_forward(meta_copy, names, on_input, (h + 32, w + 32))], [(h, w), (h + 32, w + 32)]
+        size = (h + 2 * ph, w + 2 * pw)
+        meta_copy.set_input_size(img_size=size)
+        return [first, probe_forward(meta_copy, names, on_input, size)], [(h, w), size]
     except Exception:
         return [first], [(h, w)]
     finally:
