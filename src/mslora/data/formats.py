@@ -96,7 +96,7 @@ def vtab1k(root: Path, split: str, loader: Callable) -> tuple[dict, list[str]]:
             where.setdefault(int(parts[1]), f"{root / name} line {n}")
         pools[s] = items
     names = _classes_txt(root)
-    classes = names or [str(i) for i in range(check_labels(where, None))]
+    classes = names or [str(i) for i in range(check_labels(where, None, root / "classes.txt"))]
     check_labels(where, names, root / "classes.txt")
     return {s: ListDataset(items, loader) for s, items in pools.items()}, classes
 
@@ -160,7 +160,7 @@ def csv_pools(path: Path, loader: Callable) -> tuple[dict, list[str]]:
     labels = {lab for rs in rows.values() for _, lab in rs}
     numeric = all(lab.lstrip("-").isdigit() for lab in labels)
     if numeric:
-        k = check_labels({int(lab): w for lab, w in where.items()}, None)
+        k = check_labels({int(lab): w for lab, w in where.items()}, None, path / "classes.txt")
     classes = [str(i) for i in range(k)] if numeric else sorted(labels)
     index = {c: i for i, c in enumerate(classes)}
     pools = {s: ListDataset([(p, int(lab) if numeric else index[lab]) for p, lab in rs], loader)
@@ -175,9 +175,11 @@ def check_labels(where: dict[int, str], names: list[str] | None, names_file: Pat
     mistyped label (1000000) is caught instead of building a head of a million classes.
 
     Raises:
-        ValueError: a negative label, a label past the names, or (without names) labels with gaps: the label and
-            where it appears.
+        ValueError: no labels at all, a negative label, a label past the names, or (without names) labels with gaps:
+            the label and where it appears.
     """
+    if not where:
+        raise ValueError(f"the lists of '{names_file.parent if names_file else 'the data'}' hold no labelled images")
     for lab, at in sorted(where.items()):
         if lab < 0:
             raise ValueError(f"{at}: label {lab} is negative; labels are class indices 0..K-1")
