@@ -251,26 +251,29 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None) -> tuple[dict[str
 @contextlib.contextmanager
 def run_lock(run: Path, main: bool) -> Iterator[None]:
     """Hold an exclusive lock on the run directory (``RUN/.lock``, filelock: an OS lock that a killed process
-    releases) while the main process trains in it, so that two ``--resume`` of one run cannot both write it.
+    releases) while the main process trains in it, so that two ``--resume`` of one run cannot both write it. Every
+    process learns whether the main one got it (under DDP the others would otherwise wait for it forever).
 
     Raises:
-        ValueError: another process holds the lock (nothing written).
+        ValueError: another process holds the lock (nothing written), on every process of the run.
     """
-    if not main:
-        yield
-        return
     from filelock import FileLock, Timeout
 
-    lock = FileLock(str(run / ".lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ValueError(f"run '{run}' is in use by another mslora process (it holds '{run / '.lock'}'); wait for "
-                         "it to end") from None
+    lock, shared = FileLock(str(run / ".lock"), timeout=0) if main else None, [None]
+    if lock is not None:
+        try:
+            lock.acquire()
+        except Timeout:
+            shared = [f"run '{run}' is in use by another mslora process (it holds '{run / '.lock'}'); wait for it "
+                      "to end"]
+    broadcast_object_list(shared)
+    if shared[0]:
+        raise ValueError(shared[0])
     try:
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def same_data(run: Path, now: dict[str, Any]) -> None:
