@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): broken data sets in every listed layout through ``mslora train`` end in one line
 and exit code 2, or train; odd channel counts, grids and options build an identity-at-init MSLoRA or raise
-ValueError, nothing else."""
+ValueError, nothing else. Derandomised: CI draws the same examples every run (a failure reproduces); run with
+``--hypothesis-seed=N`` and without derandomize to explore further."""
 import contextlib
 import io
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -58,7 +59,7 @@ def corrupt(root: Path, layout: str, paths: list[Path], change: tuple) -> None:
     """Apply one drawn corruption to the data set at ``root``."""
     kind = change[0]
     lists = sorted(root.glob("*.txt")) + sorted(root.glob("*.csv")) + sorted(root.glob("*.json"))
-    if kind == "truncate":
+    if kind == "truncate" and paths[change[1]].exists():
         data = paths[change[1]].read_bytes()
         paths[change[1]].write_bytes(data[:int(len(data) * change[2])])
     elif kind == "delete":
@@ -67,9 +68,12 @@ def corrupt(root: Path, layout: str, paths: list[Path], change: tuple) -> None:
         i, label = change[1], change[2]
         for f in lists:
             if f.suffix == ".json":
-                d = json.loads(f.read_text())
+                try:
+                    d = json.loads(f.read_text())
+                except ValueError:  # an earlier corruption broke the file: nothing to relabel
+                    continue
                 key = f"{i}.png"
-                if key in d:
+                if isinstance(d, dict) and key in d:
                     d[key] = label if not isinstance(label, str) or not label.startswith("[") else [1]
                 f.write_text(json.dumps(d))
             else:
@@ -89,8 +93,9 @@ def corrupt(root: Path, layout: str, paths: list[Path], change: tuple) -> None:
         (root / ("c0" if layout == "imagefolder" else "images") / "loop").symlink_to(root)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(layout=st.sampled_from(LAYOUTS), changes=st.lists(CORRUPTIONS, min_size=1, max_size=3))
+@example(layout="imagefolder", changes=[("delete", 0), ("truncate", 0, 0.0)])  # found once in CI (a test bug)
 def test_broken_data_ends_in_one_line_or_trains(layout, changes):
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "data", Path(tmp) / "runs"
@@ -115,7 +120,7 @@ def test_broken_data_ends_in_one_line_or_trains(layout, changes):
             assert any(c[0] == "truncate" for c in changes), changes
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(channels=st.sampled_from([1, 3, 10, 27, 386]), rank=st.integers(1, 40), groups=st.integers(1, 8),
        kernels=st.lists(st.integers(1, 9), min_size=0, max_size=3), h=st.integers(1, 9), w=st.integers(1, 9),
        prefix=st.integers(0, 2), layout=st.sampled_from(["nchw", "nhwc", "tokens"]),
@@ -140,7 +145,7 @@ def test_mslora_on_odd_shapes_is_identity_at_init_or_a_valueerror(channels, rank
 
 
 @pytest.mark.parametrize("method", ["mslora", "adapter", "lora", "mona", "ssf", "vpt", "rlrr"])
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=6, deadline=None, derandomize=True)
 @given(size=st.sampled_from([17, 31, 40]))
 def test_methods_adapt_at_odd_image_sizes_or_say_why(method, size):
     import timm
