@@ -294,7 +294,7 @@ def test_api_misuse_is_one_clear_exception(tmp_path):
         raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file: file write "
                            "failed")
     (tmp_path / "last.pt").write_bytes(b"the last good checkpoint")
-    with pytest.raises(OSError, match=r"cannot write '.*last.pt' \(disk full\?\): .*file write failed"):
+    with pytest.raises(OSError, match=r"cannot write '.*last.pt': .*file write failed"):
         atomic_write(tmp_path / "last.pt", full_disk)
     assert (tmp_path / "last.pt").read_bytes() == b"the last good checkpoint"
     assert not (tmp_path / ".last.pt.tmp").exists()

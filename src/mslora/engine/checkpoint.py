@@ -37,7 +37,8 @@ def atomic_write(path: Path, write) -> None:
         user_mode(tmp)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write '{path}' (disk full?): {str(e).strip().splitlines()[-1]}") from None
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise OSError(f"cannot write '{path}': {reason}") from None  # torch.save's "file write failed": disk full
     os.replace(tmp, path)
 
 
