@@ -292,7 +292,7 @@ def cmd_serve(argv: list[str]) -> int:
                    help="adapters to serve, each a name and a run directory or adapter file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--workers", type=count(0), default=1, help="inference processes per device (default: 1)")
+    p.add_argument("--workers", type=count(1), default=1, help="inference processes per device (default: 1)")
     p.add_argument("--max-batch-size", type=count(1), default=16, help="requests answered by one forward pass, at most "
                    "(default: 16)")
     p.add_argument("--batch-timeout", type=float, default=0.01, help="seconds to wait for a batch to fill "
