@@ -86,24 +86,15 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         options.update(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     adapt(model, method, **options)
     try:
-        return _load_peft_tensors(model, folder)
+        return _load_peft_tensors(model, folder, cfg.r)
     except Exception:
         undo_failed(model)  # a failed import changes nothing: the model as it was, a retry works
         raise
 
 
-def cfg_r(folder: Path):
-    """The ``r`` of a PEFT folder's adapter_config.json (for messages), or '?'."""
-    import json
-
-    try:
-        return json.loads((folder / "adapter_config.json").read_text()).get("r", "?")
-    except (OSError, ValueError):
-        return "?"
-
-
-def _load_peft_tensors(model: nn.Module, folder: Path) -> nn.Module:
-    """Load a PEFT folder's tensors into ``model`` just adapted for them (:func:`import_peft`).
+def _load_peft_tensors(model: nn.Module, folder: Path, r: int) -> nn.Module:
+    """Load a PEFT folder's tensors into ``model`` just adapted for them (:func:`import_peft`; ``r``: its config's
+    rank, for the message).
 
     Raises:
         ValueError: a file that is not safetensors, LoRA tensors missing or unexpected, or a head of another size.
@@ -122,7 +113,7 @@ def _load_peft_tensors(model: nn.Module, folder: Path) -> nn.Module:
                                            adapter_name="default")
     except RuntimeError as e:  # torch's size mismatch: the config's r (or targets) are not the tensors'
         first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise ValueError(f"PEFT tensors in '{folder}' do not fit the adapter its config describes (r={cfg_r(folder)}"
+        raise ValueError(f"PEFT tensors in '{folder}' do not fit the adapter its config describes (r={r}"
                          f"): {first}") from None
     missing = [k for k in result.missing_keys if "lora_" in k or "hira_" in k]
     if result.unexpected_keys or missing:

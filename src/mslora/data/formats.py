@@ -96,8 +96,8 @@ def vtab1k(root: Path, split: str, loader: Callable) -> tuple[dict, list[str]]:
             where.setdefault(int(parts[1]), f"{root / name} line {n}")
         pools[s] = items
     names = _classes_txt(root)
-    classes = names or [str(i) for i in range(check_labels(where, None, root / "classes.txt"))]
-    check_labels(where, names, root / "classes.txt")
+    k = check_labels(where, names, root / "classes.txt")
+    classes = names or [str(i) for i in range(k)]
     return {s: ListDataset(items, loader) for s, items in pools.items()}, classes
 
 
