@@ -84,9 +84,15 @@ def check(model: torch.nn.Module, method: str = "mslora", **options) -> str:
     model.train()
     feats = model.forward_features(x)  # every adapter reaches it (with class-token pooling the logits do not)
     feats = feats if torch.is_tensor(feats) else torch.cat([f.flatten(1) for f in feats], 1)
-    feats.float().pow(2).mean().backward()
     for h in handles:
         h.remove()
+    loss = feats.float().pow(2).mean()
+    try:  # every stage's features too: PiT's forward_features keeps the class token only, dropping the patch tokens
+        inter = model.forward_intermediates(x, intermediates_only=True)  # that the last blocks' adapters change
+        loss = loss + sum(f.float().pow(2).mean() for f in inter if torch.is_tensor(f))
+    except Exception:  # no forward_intermediates, or not at this size
+        pass
+    loss.backward()
     bad = [k for k, n in calls.items() if n != 1]
     assert not bad, f"adapter run {calls[bad[0]]} times per forward at {bad[0]}"
     for n, b in model.named_buffers():

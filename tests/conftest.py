@@ -25,6 +25,7 @@ SPECS = {
     "efficientnet": ("test_efficientnet", {}),  # NCHW, BatchNormAct
     "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=64,
                                                    window_size=4)),  # NHWC
+    "tnt": ("tnt_s_legacy_patch16_224", dict(depth=2, img_size=64)),  # blocks return (pixel_embed, patch_embed)
 }
 MODELS = {k: (lambda name=name, kw=kw: timm.create_model(name, num_classes=4, **kw)) for k, (name, kw) in SPECS.items()}
 
@@ -39,7 +40,7 @@ def sample_input(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch
 
     c, h, w = input_size(model)
     h, w = min(h, 64), min(w, 64)  # CNNs take any size; keep tests fast
-    if getattr(model, "patch_embed", None) is not None:
+    if getattr(model, "patch_embed", None) is not None or getattr(model, "pixel_embed", None) is not None:
         h, w = input_size(model)[1:]
     return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(seed))
 

@@ -14,6 +14,7 @@ MIXABLE = {  # backbone -> feature-space methods (with small options) that share
     "vit": [("mslora", {"rank": 8}), ("mona", {}), ("adaptformer", {"rank": 4}), ("adapter", {"rank": 4})],
     "swin": [("mslora", {"rank": 8}), ("adaptformer", {"rank": 4})],  # windows: (k B, ...) features
     "convnext": [("mslora", {"rank": 8}), ("mona", {})],
+    "tnt": [("mslora", {"rank": 8}), ("adapter", {"rank": 4})],  # a tuple output's element, row by row
 }
 
 

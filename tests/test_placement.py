@@ -27,11 +27,13 @@ ADAPTS = [
     "repvit_m1", "res2next50", "cpubone_nano", "focalnet_tiny_srf", "rdnet_tiny", "densenet121", "gcvit_xxtiny",
     "crossvit_tiny_240", "test_maxvit",
     "eva02_tiny_patch14_224",  # patch 14: probed at two patches more (252 px), not 32 px (256: no grid)
+    # blocks returning a tuple or list, adapted on their feature tensor: MViTv2 (x, feat_size), TNT (pixel_embed,
+    # patch_embed), SelecSLS lists; PiT by its inner blocks (the family table); NesT's (B, T, N, C) blocks
+    "mvitv2_tiny", "tnt_s_legacy_patch16_224", "selecsls42b", "pit_ti_224", "nest_tiny",
 ]
 # Refusals: a ValueError saying why.
 REFUSES = {
     "hiera_tiny_224": "not in raster order",  # Hiera's unrolled token order: no grid for depth-wise convs
-    "tnt_s_legacy_patch16_224": "returns a tuple of 2, not one feature map; pass target_modules",
     "rexnet_100": "groups=4 must divide in_channels=27 .*groups=1 always does",
 }
 
@@ -107,7 +109,8 @@ def test_input_norm_follows_block_structure_for_regex_placements():
 
 
 def test_modules_that_return_tuples_get_a_correct_message():
-    with pytest.raises(ValueError, match=r"'stage2\.0' returns a list of 2, not one feature map; pass target_modules"):
+    with pytest.raises(ValueError, match=r"'stage2\.0' returns a list of 2 without exactly one new "
+                       r"\(batch, \.\.\.\) feature tensor, not one feature map; pass target_modules"):
         mslora.adapt(timm.create_model("hrnet_w18_small"), "mslora", target_modules=r"stage2\.0")
 
 
@@ -144,3 +147,54 @@ def test_res2net_and_sk_resnet_sites_inside_blocks():
 def test_methods_refuse_where_their_design_does_not_apply(method, name, match):
     with pytest.raises(ValueError, match=match):
         mslora.adapt(timm.create_model(name), method)
+
+
+def test_nest_blocks_read_as_nests_own_deblockify():
+    from timm.models.nest import blockify, deblockify
+
+    from mslora.core.layout import Layout
+
+    model = timm.create_model("nest_tiny", num_classes=4)
+    sites = find_sites(model)
+    assert {s.layout.kind for s in sites} == {"blocks"} and {s.layout.block_size for s in sites} == {14}
+    x = torch.randn(2, 16, 196, 8)  # 4 x 4 blocks of 14 x 14 tokens, 8 channels
+    maps, prefix = sites[0].layout.to_2d(x)
+    assert prefix is None and maps.shape == (2, 8, 56, 56)
+    assert torch.equal(maps, deblockify(x, 14).permute(0, 3, 1, 2))
+    assert torch.equal(sites[0].layout.from_2d(maps, None), blockify(deblockify(x, 14), 14))
+    with pytest.raises(ValueError, match="12 blocks do not form a square grid"):
+        Layout("blocks", block_size=14).to_2d(torch.randn(1, 12, 196, 8))
+
+
+def test_tuple_outputs_adapt_the_batch_feature_tensor_and_pass_the_rest():
+    # TNT blocks return (pixel_embed (B * N, 16, C'), patch_embed (B, N + 1, C)): the batch's tensor is the second
+    model = timm.create_model("tnt_s_legacy_patch16_224", depth=2, num_classes=4)
+    sites = find_sites(model)
+    assert [s.item for s in sites] == [1, 1] and sites[0].layout.num_prefix_tokens == 1
+    mslora.adapt(model, "mslora", rank=8)
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(0.1)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out))  # after the adapter's hook
+    x = torch.randn(2, 3, 224, 224)
+    model.eval()(x)
+    pixel, patch = seen[0]
+    assert pixel.shape[0] == 2 * 196 and patch.shape == (2, 197, 384)  # both still there, in order
+    mod = model.adapters["blocks_0"]
+    mslora.unadapt(model)
+    model(x)
+    assert torch.equal(pixel, seen[1][0])  # the other element passes through
+    assert not torch.allclose(patch, seen[1][1], atol=1e-3)
+    assert torch.allclose(patch, mod(seen[1][1]), atol=1e-5)  # the adapted one went through the adapter
+
+
+def test_mona_takes_one_module_where_a_block_reshapes_its_shortcut():
+    # MViTv2 blocks that pool or project their shortcut cannot add Mona's first module between the sub-blocks
+    model = timm.create_model("mvitv2_tiny", num_classes=4)
+    mslora.adapt(model, "mona")
+    for name in blocks(model):
+        block = model.get_submodule(name)
+        plain = block.shortcut_proj_attn is None and block.shortcut_pool_attn is None
+        assert (name.replace(".", "_") + "_mona1" in model.adapters) == plain, name
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 4)

@@ -68,6 +68,10 @@ FAMILIES: tuple[Family, ...] = (
     # CrossViT's multi-scale blocks return a list (one sequence per branch); the branch blocks return one each.
     Family(("CrossVit",), r"blocks\.\d+\.blocks\.\d+\.\d+", True),
     Family(("Hiera",), r"blocks\.\d+", True, raster=False),
+    # PiT's stages return (x, cls_tokens) and its last stage's patch tokens are dropped (the head reads the class
+    # token): the blocks inside, on the joined sequence. MViTv2: its blocks, each returning (x, feat_size).
+    Family(("PoolingVisionTransformer",), r"transformers\.\d+\.blocks\.\d+", True),
+    Family(("MultiScaleVit",), r"stages\.\d+\.blocks\.\d+", True),
     # CoaT: the serial blocks; the parallel blocks return one sequence per scale (a tuple) and are left out.
     Family(("CoaT",), r"serial_blocks\d\.\d+", True),
 )

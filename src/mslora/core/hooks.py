@@ -80,20 +80,31 @@ def freeze_backbone(model: nn.Module, trainable_prefixes: list[str]) -> None:
 
 class AdapterHook:
     """Forward hook running an adapter at its site: ``adapter(output)`` (sequential), ``output + adapter(input)``
-    (parallel), or, as a forward pre-hook, ``adapter(input)`` in place of the module's first input.
+    (parallel), or, as a forward pre-hook, ``adapter(input)`` in place of the module's first input. With ``item``
+    (a module returning a tuple or list, sequential mode only), ``adapter`` replaces that element of the output;
+    the others pass through.
 
     A callable object, not a closure, so that ``copy.deepcopy`` of an adapted model hooks the copy's adapter.
     """
 
-    def __init__(self, adapter: nn.Module, mode: str) -> None:
-        self.adapter, self.mode = adapter, mode
+    def __init__(self, adapter: nn.Module, mode: str, item: int | None = None) -> None:
+        self.adapter, self.mode, self.item = adapter, mode, item
 
     def __call__(self, module: nn.Module, args, output=None):
         if self.mode == "input":
             return (self.adapter(args[0]), *args[1:])
         if self.mode == "parallel":
             return output + self.adapter(args[0])
+        if self.item is not None:
+            return put_item(output, self.item, self.adapter(output[self.item]))
         return self.adapter(output)
+
+
+def put_item(value: tuple | list, item: int, tensor: torch.Tensor) -> tuple | list:
+    """A copy of the tuple or list ``value`` with element ``item`` replaced by ``tensor`` (same type)."""
+    out = list(value)
+    out[item] = tensor
+    return type(value)(out) if isinstance(value, list) else tuple(out)
 
 
 def adapter_key(site: str) -> str:
@@ -120,20 +131,22 @@ def add_adapter(model: nn.Module, site: str, adapter: nn.Module) -> nn.Module:
     return adapter
 
 
-def attach(model: nn.Module, site: str, adapter: nn.Module, mode: str = "output", key: str | None = None
-           ) -> nn.Module:
+def attach(model: nn.Module, site: str, adapter: nn.Module, mode: str = "output", key: str | None = None,
+           item: int | None = None) -> nn.Module:
     """:func:`add_adapter` ``adapter`` (under ``key``, default ``site``) and run it by a hook on module ``site``: on its
-    output (``mode='output'``), beside it, adding ``adapter(input)`` to its output (``'parallel'``), or on its
-    input (``'input'``). Returns the adapter.
+    output (``mode='output'``; on element ``item`` of it where the module returns a tuple or list), beside it,
+    adding ``adapter(input)`` to its output (``'parallel'``), or on its input (``'input'``). Returns the adapter.
 
     Raises:
-        ValueError: two sites share a key, or ``mode`` is unknown.
+        ValueError: two sites share a key, ``mode`` is unknown, or ``item`` with a mode other than ``'output'``.
     """
     if mode not in ("output", "parallel", "input"):
         raise ValueError(f"mode='{mode}' is not one of output, parallel, input")
+    if item is not None and mode != "output":
+        raise ValueError(f"item={item} (an element of a tuple output) needs mode='output', not '{mode}'")
     module = model.get_submodule(site)
     add_adapter(model, key or site, adapter)
-    hook = AdapterHook(adapter, mode)
+    hook = AdapterHook(adapter, mode, item)
     keep_handle(module.register_forward_pre_hook(hook) if mode == "input" else module.register_forward_hook(hook))
     return adapter
 

@@ -8,6 +8,9 @@ Feature-space adapters (MSLoRA, Sec. 3) work on 2D maps. Backbones hand them thr
   Tokens that are not a raster-order grid (``spatial=False``: Hiera's unrolled order, or a count that does not
   follow the input size) are viewed as a (B, C, N, 1) column, which point-wise layers may use and spatial ones
   (depth-wise convolutions) must refuse.
+- ``blocks``: (B, T, N, C), NesT's blocked image (arXiv 2105.12723): T = g^2 square blocks of N = b^2 tokens
+  each, in NesT's ``blockify`` order; read as the (B, C, g b, g b) image by NesT's ``deblockify`` (timm
+  ``nest.py``), which takes square grids only, as here.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def record_image_size(module, args) -> None:
     if args and torch.is_tensor(args[0]) and args[0].ndim == 4:
         IMAGE_SIZE.set(tuple(args[0].shape[-2:]))
 
-LAYOUTS = ("nchw", "nhwc", "tokens")
+LAYOUTS = ("nchw", "nhwc", "tokens", "blocks")
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,13 @@ class Layout:
     """How a feature tensor is laid out.
 
     Attributes:
-        kind: one of ``"nchw"``, ``"nhwc"``, ``"tokens"``.
+        kind: one of ``"nchw"``, ``"nhwc"``, ``"tokens"``, ``"blocks"``.
         num_prefix_tokens: tokens layout only: leading tokens that are not patches.
         grid_size: tokens layout only: (H, W) of the patch grid at the model's default input size.
         stride: tokens layout only: input pixels per token along each side (measured), so that the grid of any
             image, square or not, is (H / stride, W / stride); without it, another patch count is read as square.
         spatial: False when the features are not a 2D grid (see module doc).
+        block_size: blocks layout only: b, the side of one block in tokens.
     """
 
     kind: str = "nchw"
@@ -48,6 +52,7 @@ class Layout:
     grid_size: tuple[int, int] | None = None
     spatial: bool = True
     stride: int | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUTS:
@@ -64,6 +69,13 @@ class Layout:
             return x, None
         if self.kind == "nhwc":
             return x.permute(0, 3, 1, 2), None  # (B, H, W, C) -> (B, C, H, W), channels_last view
+        if self.kind == "blocks":  # timm nest.deblockify: (B, T, N, C) -> (B, g b, g b, C), as NCHW
+            b, t, _, c = x.shape
+            g, k = math.isqrt(t), self.block_size
+            if g * g != t:
+                raise ValueError(f"{t} blocks do not form a square grid (NesT's deblockify takes square grids only)")
+            x = x.reshape(b, g, g, k, k, c).transpose(2, 3).reshape(b, g * k, g * k, c)
+            return x.permute(0, 3, 1, 2), None
         p = self.num_prefix_tokens
         prefix, patches = x[:, :p], x[:, p:]  # (B, P, C), (B, N, C)
         b, n, c = patches.shape
@@ -76,6 +88,11 @@ class Layout:
             return maps
         if self.kind == "nhwc":
             return maps.permute(0, 2, 3, 1)  # (B, H, W, C)
+        if self.kind == "blocks":  # timm nest.blockify: (B, C, H, W) -> (B, T, N, C)
+            b, c, h, w = maps.shape
+            k = self.block_size
+            x = maps.permute(0, 2, 3, 1).reshape(b, h // k, k, w // k, k, c)
+            return x.transpose(2, 3).reshape(b, (h // k) * (w // k), k * k, c)
         tokens = maps.flatten(2).transpose(1, 2)  # (B, H*W, C)
         return torch.cat([prefix, tokens], dim=1)  # (B, P + H*W, C), prefix first
 

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mslora.core.hooks import ADAPTERS, AdapterHook, AddBranch, KeepInput, head_module, keep_eval
+from mslora.core.hooks import ADAPTERS, AdapterHook, AddBranch, KeepInput, head_module, keep_eval, put_item
 from mslora.core.layout import record_image_size
 from mslora.core.state import Adaptation, adaptation
 
@@ -152,6 +152,13 @@ class Routed:
                 return changed
             if changed is not None:  # other sets' rows answered; this set's own rows below
                 args, output = (changed, output) if self.pre else (args, changed)
+        item = getattr(self.hook, "item", None)
+        if item is not None:  # one element of a tuple output (mslora.core.hooks.AdapterHook): those rows of it
+            y = output[item]
+            rows = self.router.rows_of(self.name, y.shape[0])
+            if rows is True or rows is False:
+                return self.hook(module, args, output) if rows is True else changed
+            return put_item(output, item, y.index_copy(0, rows, self.hook.adapter(y.index_select(0, rows))))
         x = args[0]
         rows = self.router.rows_of(self.name, x.shape[0])
         if rows is False:
@@ -198,7 +205,7 @@ def _classes(group: list[Routed]) -> list[tuple[list[int], Any]]:
 
     classes: list[list[int]] = []
     for i, h in enumerate(group):
-        if not isinstance(h.hook, AdapterHook):
+        if not isinstance(h.hook, AdapterHook) or h.hook.item is not None:  # tuple outputs: each set alone
             continue
         for members in classes:  # (the group's hooks share one mode)
             if alike([group[members[0]].hook.adapter, h.hook.adapter]):

@@ -10,7 +10,13 @@ every other family, and sites described by measurement.
   sizes is the channel axis, which tells NCHW from NHWC; for token sequences (B, N, C), N = P + (H/s)(W/s) at
   both sizes gives the stride s and the prefix count P per site (CaiT's and XCiT's blocks carry no class token
   even though the model does). Models that take one input size only are probed at that size, with their patch
-  grid. A site that returns a tuple or list, or whose axes cannot be told apart, is refused with the reason.
+  grid. A site that returns a tuple or list (MViTv2's ``(x, size)``, PiT's ``(x, cls_tokens)``, TNT's
+  ``(pixel_embed, patch_embed)``, SelecSLS's lists) is adapted on the one tensor that carries the batch's features:
+  the one element of rank 3 or 4 whose leading axis is the batch (the probe runs a batch of two, so TNT's
+  (B * N, ...) pixel tokens are not it) and that is not an input passed through; the other elements pass through.
+  Where several elements qualify (HRNet's stages: one map per resolution) the site is refused with the reason. NesT's (B, T, N, C) blocks (T square
+  blocks of N tokens each; the axis that follows the input size is T) are read through NesT's own
+  ``deblockify``. A site whose axes cannot be told apart is refused with the reason.
 - **Pre-norm.** A block is pre-norm (MSLoRA Sec. 4.1: a LayerNorm is prepended at the adapter's input) when
   the first layer with parameters that runs inside it is a norm layer; the table overrides this for families
   whose residual branch normalises after a first depth-wise conv (ConvNeXt).
@@ -39,6 +45,7 @@ class Site:
         channels: channel count C of those features.
         pre_norm: the features are an un-normalised residual stream (see module doc).
         on_input: the site is the module's input (a forward pre-hook), not its output.
+        item: where the module returns a tuple or list, the index of the element adapted (see module doc).
     """
 
     name: str
@@ -46,6 +53,7 @@ class Site:
     channels: int
     pre_norm: bool = False
     on_input: bool = False
+    item: int | None = None
 
     @property
     def mode(self) -> str:
@@ -155,10 +163,12 @@ def modules_in_blocks(model: nn.Module, types: tuple[type, ...], target_modules:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model expects by default: its patch embedding's fixed size, else its pretrained_cfg."""
+    """(C, H, W) the model expects by default: its patch embedding's fixed size (``patch_embed``, TNT's
+    ``pixel_embed``), else its pretrained_cfg."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    embed = getattr(model, "patch_embed", None) or getattr(model, "pixel_embed", None)
+    fixed = getattr(embed, "img_size", None)
     if fixed is not None:
         h, w = (fixed, fixed) if isinstance(fixed, int) else fixed
     return c, h, w
@@ -174,12 +184,29 @@ def meta_tensors_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+PROBE_BATCH = 2  # the probe's batch: a feature tensor's leading axis equals it
+
+
+def feature_item(value, args=()) -> int | None:
+    """Index of the element of a tuple or list that carries the batch's features: the one tensor of rank 3 or 4
+    whose leading axis is the probe's batch (:data:`PROBE_BATCH`) and that is not one of the module's inputs
+    passed through (SelecSLS hands its first block's map on unchanged), its first place where it appears twice;
+    None when there is none or more than one
+    (HRNet's stages return one map per resolution: which to adapt is the user's choice)."""
+    inputs = {id(a) for arg in args for a in (arg if isinstance(arg, (tuple, list)) else (arg,))}
+    found = [i for i, v in enumerate(value) if torch.is_tensor(v) and v.ndim in (3, 4) and v.shape[0] == PROBE_BATCH
+             and id(v) not in inputs]
+    return found[0] if len({id(value[i]) for i in found}) == 1 else None  # one tensor (SelecSLS: [out, out])
+
+
 class _Probe:
-    """Forward hooks recording each site's output (shape, or its type when not one tensor) and the first
-    parameterised layer that runs inside it."""
+    """Forward hooks recording each site's output (shape, or its type when not one tensor; for a tuple or list,
+    the shape of its :func:`feature_item` and that index in ``item``) and the first parameterised layer that runs
+    inside it."""
 
     def __init__(self, model: nn.Module, names: list[str], on_input: dict[str, bool]) -> None:
         self.out: dict[str, tuple[int, ...] | str] = {}
+        self.item: dict[str, int] = {}
         self.first: dict[str, nn.Module] = {}
         self.handles = []
         for n in names:
@@ -199,8 +226,14 @@ class _Probe:
     def _record(self, name: str, on_input: bool):
         def hook(_m, args, out=None):
             x = args[0] if on_input else out
-            self.out.setdefault(name, tuple(x.shape) if torch.is_tensor(x) else
-                                f"a {type(x).__name__}" + (f" of {len(x)}" if isinstance(x, (tuple, list)) else ""))
+            if name in self.out:
+                return
+            i = feature_item(x, args) if isinstance(x, (tuple, list)) and not on_input else None
+            if i is not None:
+                self.item[name], x = i, x[i]
+            self.out[name] = (tuple(x.shape) if torch.is_tensor(x) else f"a {type(x).__name__}" +
+                              (f" of {len(x)} without exactly one new (batch, ...) feature tensor"
+                               if isinstance(x, (tuple, list)) else ""))
         return hook
 
     def _first(self, owners: list[str], module: nn.Module):
@@ -215,14 +248,15 @@ class _Probe:
 
 
 def probe_forward(model: nn.Module, names: list[str], on_input: dict[str, bool], size: tuple[int, int]) -> _Probe:
-    """One probe forward of a zero image of ``size`` (H, W) in eval mode, without gradients."""
+    """One probe forward of a batch of :data:`PROBE_BATCH` zero images of ``size`` (H, W) in eval mode, without
+    gradients."""
     probe = _Probe(model, names, on_input)
     p = next(model.parameters())
     was = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, input_size(model)[0], *size, device=p.device, dtype=p.dtype))
+            model(torch.zeros(PROBE_BATCH, input_size(model)[0], *size, device=p.device, dtype=p.dtype))
     finally:
         model.train(was)
         probe.remove()
@@ -289,13 +323,18 @@ def measure_layout(name: str, shapes: list, sizes: list[tuple[int, int]], model:
             same = [i for i in (1, 2, 3) if shapes[0][i] == shapes[1][i]]
             kinds = {(1,): "nchw", (3,): "nhwc"}
             found = kinds.get(tuple(same))
+            blocked = same == [2, 3] and all(_square(s[1]) and _square(s[2]) for s in shapes)
         else:  # one size, or a model that resizes its input (the map does not change): square maps tell
             b, x, y, z = shape
             found = "nchw" if y == z != x else "nhwc" if x == y != z else None
+            blocked = found is None and x != y and _square(x) and _square(y)
+        if blocked:  # NesT: (B, T, N, C), T square blocks (following the input size) of N tokens
+            return Layout("blocks", block_size=math.isqrt(shape[2])), shape[3]
         if found is None:
             raise ValueError(f"cannot tell the channel axis of '{name}' (output {shapes[0]} at {sizes[0]}"
                              + (f", {shapes[1]} at {sizes[1]}" if len(shapes) == 2 else "") +
-                             "): expected (B, C, H, W) or (B, H, W, C) with H, W following the input size; pass "
+                             "): expected (B, C, H, W) or (B, H, W, C) with H, W following the input size, or NesT's "
+                             "(B, T, N, C) blocks; pass "
                              "target_modules naming such modules, with layout='nchw' or 'nhwc'")
         return Layout(found), shape[1] if found == "nchw" else shape[3]
     if len(shape) == 3 and kind in ("auto", "tokens"):
@@ -304,7 +343,12 @@ def measure_layout(name: str, shapes: list, sizes: list[tuple[int, int]], model:
             return Layout("tokens", 0, None, spatial=False), shape[2]
         prefix, grid, stride = found
         return Layout("tokens", prefix, grid, stride=stride), shape[2]
-    raise ValueError(f"module '{name}' outputs shape {shape}; expected (B, C, H, W), (B, H, W, C) or (B, N, C)")
+    raise ValueError(f"module '{name}' outputs shape {shape}; expected (B, C, H, W), (B, H, W, C), (B, N, C) or "
+                     "NesT's (B, T, N, C)")
+
+
+def _square(n: int) -> bool:
+    return math.isqrt(n) ** 2 == n
 
 
 def _token_grid(shapes: list, sizes: list[tuple[int, int]], model: nn.Module
@@ -385,7 +429,7 @@ def find_sites(model: nn.Module, target_modules: str | None = None, layout: str 
             pre = fam.pre_norm
         else:
             pre = first is not None and is_norm(first)
-        sites.append(Site(name, lay, channels, pre, on_input.get(name, False)))
+        sites.append(Site(name, lay, channels, pre, on_input.get(name, False), probes[0].item.get(name)))
     return sites
 
 

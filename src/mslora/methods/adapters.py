@@ -63,7 +63,7 @@ class Bottleneck(nn.Module):
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
     """A :class:`Bottleneck` at every MSLoRA site."""
     for site in find_sites(model, cfg.target_modules, cfg.layout):
-        attach(model, site.name, Bottleneck(site.channels, cfg.rank, site.layout), site.mode)
+        attach(model, site.name, Bottleneck(site.channels, cfg.rank, site.layout), site.mode, item=site.item)
 
 
 @dataclass
@@ -229,4 +229,4 @@ class LoRand(nn.Module):
 def apply_lorand(model: nn.Module, cfg: LoRandConfig) -> None:
     """A :class:`LoRand` at every MSLoRA site."""
     for site in find_sites(model, cfg.target_modules, cfg.layout):
-        attach(model, site.name, LoRand(site.channels, cfg, site.layout), site.mode)
+        attach(model, site.name, LoRand(site.channels, cfg, site.layout), site.mode, item=site.item)

@@ -24,7 +24,7 @@ from torch import nn
 
 from mslora.core.hooks import attach, attach_branch
 from mslora.core.layout import Layout
-from mslora.core.placement import find_sites, spatial_only
+from mslora.core.placement import find_sites, input_size, meta_tensors_copy, probe_forward, spatial_only
 from mslora.methods.options import odd_sizes, one_of, option, positive_int, probability
 from mslora.registry import register
 
@@ -111,8 +111,22 @@ class Mona(nn.Module):
         return self.delta(kept + out)
 
 
-def _two_per_block(block: nn.Module) -> bool:
-    return all(isinstance(getattr(block, a, None), nn.Module) for a in ("drop_path1", "drop_path2"))
+def _two_per_block(model: nn.Module, names: list[str]) -> set[str]:
+    """Blocks that take Mona's first module between their two residual sub-blocks: those with timm's
+    ``drop_path1`` / ``drop_path2`` whose attention sub-block keeps the shape of the block's input (MViTv2's
+    pooled or projected shortcuts do not: the input and the branch could not be added), by a probe forward on a
+    meta-device copy (:func:`mslora.core.placement.probe_forward`)."""
+    names = [n for n in names if all(isinstance(getattr(model.get_submodule(n), a, None), nn.Module)
+                                     for a in ("drop_path1", "drop_path2"))]
+    if not names:
+        return set()
+    branch = [f"{n}.drop_path1" for n in names]
+    try:
+        probe = probe_forward(meta_tensors_copy(model), names + branch, dict.fromkeys(names, True),
+                              input_size(model)[1:])
+    except Exception:  # an op without a meta kernel: the probe of find_sites ran on the model itself; so here
+        probe = probe_forward(model, names + branch, dict.fromkeys(names, True), input_size(model)[1:])
+    return {n for n, b in zip(names, branch) if probe.out.get(n) is not None and probe.out.get(n) == probe.out.get(b)}
 
 
 @register("mona", MonaConfig, merge_impossible="it has nonlinearities (GELU, LayerNorm) between its projections")
@@ -125,11 +139,11 @@ def apply_mona(model: nn.Module, cfg: MonaConfig) -> None:
     """
     sites = find_sites(model, cfg.target_modules, cfg.layout, inner=False)
     spatial_only(sites, "mona")
+    two = _two_per_block(model, [s.name for s in sites]) if cfg.target_modules is None else set()
     for site in sites:  # without target_modules the sites are the blocks (inner=False)
-        block = model.get_submodule(site.name)
-        if cfg.target_modules is None and _two_per_block(block):
+        if site.name in two:
             attach_branch(model, f"{site.name}.mona1", Mona(site.channels, cfg, site.layout), site.name,
                           f"{site.name}.drop_path1")
-            attach(model, site.name, Mona(site.channels, cfg, site.layout), key=f"{site.name}.mona2")
+            attach(model, site.name, Mona(site.channels, cfg, site.layout), key=f"{site.name}.mona2", item=site.item)
         else:
-            attach(model, site.name, Mona(site.channels, cfg, site.layout))
+            attach(model, site.name, Mona(site.channels, cfg, site.layout), item=site.item)

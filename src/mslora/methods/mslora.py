@@ -249,4 +249,4 @@ def apply_mslora(model: nn.Module, cfg: MSLoRAConfig) -> None:
                         input_norm=cfg.input_norm if cfg.input_norm is not None else site.pre_norm,
                         zero_init=cfg.zero_init, layout=site.layout, name=site.name,
                         grad_checkpointing=cfg.grad_checkpointing)
-        attach(model, site.name, module, site.mode)
+        attach(model, site.name, module, site.mode, item=site.item)
