@@ -8,6 +8,7 @@ random, non-zero weights (so that a changed operator, order or scale cannot pass
 - SSF (as mslora folds it): gamma * (W x) + b + beta.
 - Mona (CVPR 2025): the released ``Mona`` module (github.com/Leiyi-Hu/mona, swin_transformer_mona.py).
 """
+import copy
 import math
 
 import pytest
@@ -166,19 +167,88 @@ def test_rlrr_fused_qkv_gives_q_k_v_each_the_official_right_scale():
     torch.testing.assert_close(qkv(x), torch.cat(parts, -1) + bias, rtol=1e-5, atol=1e-5)
 
 
+class OfficialSwinRLRRLinear(nn.Linear):
+    """zstarN70/RLRR models/swin.py RLRRLinear.forward: one scale_col over the whole layer (its ``qkv`` is one
+    ``RLRRLinear(dim, 3 * dim)``), and ``shift_bias`` as the bias of a bias-free layer (PatchMerging)."""
+
+    def forward_with(self, x, scale_col, scale_line, shift_bias, has_bias):
+        weight = (self.weight * scale_line * scale_col) + self.weight
+        bias = (self.bias + shift_bias) if has_bias else shift_bias
+        return F.linear(x, weight, bias)
+
+
+def test_rlrr_on_swin_is_the_official_swin_layout():
+    model = mslora.adapt(make_model("swin"), "rlrr", init="official").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the trainable tensors off their init (the shifts start at zero)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    for name, has_bias in (("layers.0.blocks.0.attn.qkv", True), ("layers.1.downsample.reduction", False)):
+        layer = model.get_submodule(name)
+        r, shift = layer.parametrizations.weight[0], layer.parametrizations.bias[0].shift
+        assert r.s_right.shape[0] == 1  # one right scale over the fused qkv
+        w = layer.parametrizations.weight.original.detach()
+        ref = OfficialSwinRLRRLinear(w.shape[1], w.shape[0])
+        ref.weight.data.copy_(w)
+        if has_bias:
+            ref.bias.data.copy_(layer.parametrizations.bias.original)
+        x = torch.randn(2, 5, w.shape[1])
+        with torch.no_grad():
+            expected = ref.forward_with(x, r.s_right[0], r.s_left, shift, has_bias)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    x = sample_input(model)
+    with torch.no_grad():
+        adapted = model(x)
+        merged = mslora.merge(copy.deepcopy(model))  # the reduction keeps its shift as a bias
+        torch.testing.assert_close(merged(x), adapted, rtol=1e-4, atol=1e-4)
+        assert merged.layers[1].downsample.reduction.bias is not None
+        mslora.unadapt(model)  # the backbone as it was: no bias on the reduction
+    assert model.layers[1].downsample.reduction.bias is None
+    assert set(model.state_dict()) == set(make_model("swin").state_dict())
+
+
 # --- SSF -----------------------------------------------------------------------------------------------------
 
-def test_ssf_scales_and_shifts_a_layer_output():
-    from mslora.core.reparam import scale_shift
+def official_ssf_ada(x, scale, shift):
+    """SSF's released ``ssf_ada`` (github.com/dongzelian/SSF, models/vision_transformer.py): the module's output
+    scaled and shifted on its channel axis, last (Linear, LayerNorm) or second (convolutions, BatchNorm)."""
+    if x.shape[-1] == scale.shape[0]:
+        return x * scale + shift
+    return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Linear(6, 5), (4, 6)), (lambda: nn.LayerNorm(6), (4, 3, 6)),
+                                        (lambda: nn.Conv2d(3, 5, 3, padding=1), (2, 3, 7, 7)),
+                                        (lambda: nn.BatchNorm2d(3).eval(), (2, 3, 7, 7))])
+def test_ssf_is_the_official_ssf_ada_of_the_same_parameters(make, shape):
+    # gamma * module(x) + beta with the very (gamma, beta) of SSF's code: the bias scaled by gamma too, so the
+    # gradients (not only the functions) are the released code's
+    from mslora.core.reparam import merge_parametrizations, scale_shift
 
     torch.manual_seed(0)
-    lin = nn.Linear(6, 5)
-    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
-    scale_shift(lin, std=0.3)  # gamma ~ N(1, 0.3), beta ~ N(0, 0.3): not the identity
-    gamma, beta = lin.parametrizations.weight[0].scale, lin.parametrizations.bias[0].shift
-    x = torch.randn(4, 6)
-    torch.testing.assert_close(lin(x), gamma * (x @ w.T) + b + beta)
-    assert not torch.allclose(gamma, torch.ones_like(gamma)) and not torch.allclose(beta, torch.zeros_like(beta))
+    layer = make()
+    with torch.no_grad():
+        layer.bias.normal_()  # a bias of 0 would hide whether gamma scales it
+    plain = copy.deepcopy(layer)
+    layer.requires_grad_(False)  # the frozen backbone layer
+    scale_shift(layer, std=0.3)  # gamma ~ N(1, 0.3), beta ~ N(0, 0.3): not the identity
+    gamma, beta = layer.parametrizations.weight[0].scale, layer.parametrizations.bias[0].shift
+    assert sorted(n for n, p in layer.named_parameters() if p.requires_grad) == [
+        "parametrizations.bias.0.shift", "parametrizations.weight.0.scale"]  # gamma held once
+    x = torch.randn(*shape)
+    ours = layer(x)
+    ref_gamma, ref_beta = gamma.detach().clone().requires_grad_(), beta.detach().clone().requires_grad_()
+    ref = official_ssf_ada(plain(x), ref_gamma, ref_beta)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    ours.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(gamma.grad, ref_gamma.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(beta.grad, ref_beta.grad, rtol=1e-4, atol=1e-5)
+    merged = copy.deepcopy(layer)
+    merge_parametrizations(merged)
+    torch.testing.assert_close(merged(x), ref, rtol=1e-5, atol=1e-5)
 
 
 # --- CoLoRA, Eq. 14-15 and Eq. 7 / 11 ------------------------------------------------------------------------

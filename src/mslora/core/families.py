@@ -38,6 +38,8 @@ class Family:
         raster: tokens are in raster order, so reshaping them to a grid keeps space (Hiera unrolls them).
         patch_embed_ssf: RLRR scales and shifts the patch embedding's output (the official ViT code does; the
             official Swin code has no SSF there).
+        rlrr_split_qkv: RLRR gives q, k and v each their own right scale inside a fused ``qkv`` Linear (the
+            official ViT code's separate layers); False: one over the fused layer (the official Swin code's).
     """
 
     classes: tuple[str, ...]
@@ -48,6 +50,7 @@ class Family:
     prompts: bool | str = _VPT_DEFAULT
     raster: bool = True
     patch_embed_ssf: bool = True
+    rlrr_split_qkv: bool = True
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -55,7 +58,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(("Eva",), r"blocks\.\d+", True, prompts=_POS.format("rotary position embedding")),
     Family(("Beit",), r"blocks\.\d+", True, prompts=_POS.format("relative position bias")),
     Family(("VisionTransformerRelPos",), r"blocks\.\d+", True, prompts=_POS.format("relative position bias")),
-    Family(("SwinTransformer", "SwinTransformerV2"), r"layers\.\d+\.blocks\.\d+", True, patch_embed_ssf=False),
+    Family(("SwinTransformer", "SwinTransformerV2"), r"layers\.\d+\.blocks\.\d+", True, patch_embed_ssf=False,
+           rlrr_split_qkv=False),
     Family(("ConvNeXt",), r"stages\.\d+\.blocks\.\d+", True, colora=("mlp.fc1", "mlp.fc2", "conv_dw")),
     Family(("EfficientNet", "MobileNetV3"), r"blocks\.\d+\.\d+", False, colora=("conv_pw", "conv_pwl")),
     Family(("RegNet",), r"s\d+\.b\d+", False),

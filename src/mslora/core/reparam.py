@@ -79,9 +79,8 @@ class Scale(nn.Module):
 
 
 class Shift(nn.Module):
-    """Shift of a layer's outputs, folded into its bias: b' = b + f (RLRR Eq. 16 and 20; SSF's beta, which
-    with gamma ⊙ (Wx + b) + beta = (gamma ⊙ W)x + b + (gamma ⊙ b - b + beta) spans the same functions).
-    Initialised to 0 (identity), or drawn from N(0, std)."""
+    """Shift of a layer's outputs, folded into its bias: b' = b + f (RLRR Eq. 16 and 20, the f of its rescaled
+    layers). Initialised to 0 (identity), or drawn from N(0, std)."""
 
     def __init__(self, bias: torch.Tensor, std: float = 0.0) -> None:
         super().__init__()
@@ -94,6 +93,22 @@ class Shift(nn.Module):
         return b + self.shift
 
 
+class ScaledShift(Shift):
+    """SSF's shift with its scale, folded into a layer's bias: b' = gamma ⊙ b + beta, so that the layer computes
+    gamma ⊙ (W x + b) + beta = ``ssf_ada(module(x), scale, shift)`` of SSF's released code (Lian et al., NeurIPS
+    2022, github.com/dongzelian/SSF: ``x * scale + shift`` on the module's output), the same function of the same
+    parameters, not only the same set of functions. ``scale``: the :class:`Scale` of the layer's weight, whose
+    gamma this reads (held outside the module tree, so the adapter's tensors hold gamma once)."""
+
+    def __init__(self, bias: torch.Tensor, scale: Scale, std: float = 0.0) -> None:
+        super().__init__(bias, std)
+        object.__setattr__(self, "_scale", scale)  # not a submodule: gamma is the weight parametrization's
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        """gamma ⊙ b + beta for the frozen bias ``b`` (out,)."""
+        return b * self._scale.scale + self.shift
+
+
 def reparametrize(module: nn.Module, name: str, fn: nn.Module) -> None:
     """Register ``fn`` as a parametrization of ``module.<name>`` (torch.nn.utils.parametrize; the original tensor
     stays frozen)."""
@@ -101,15 +116,17 @@ def reparametrize(module: nn.Module, name: str, fn: nn.Module) -> None:
 
 
 def scale_shift(module: nn.Module, std: float = 0.0) -> None:
-    """SSF-style scale and shift of a module's outputs (scale into the weight, shift into the bias); ``std`` > 0
-    draws them from N(1, std) and N(0, std) instead of the identity.
+    """SSF scale and shift of a module's outputs, y = gamma ⊙ module(x) + beta (SSF's ``ssf_ada``), with gamma
+    folded into the weight and the bias (:class:`Scale`, :class:`ScaledShift`) so that merging is exact; ``std``
+    > 0 draws them from N(1, std) and N(0, std) (SSF's init) instead of the identity.
 
-    A layer without a bias gets no shift: its output feeds a norm layer whose own shift covers it, and the
-    merged model keeps exactly the backbone's parameters.
+    A layer without a bias gets no shift (SSF's code adds one to every layer): its output feeds a norm layer
+    whose own shift covers it, and the merged model keeps exactly the backbone's parameters.
     """
-    reparametrize(module, "weight", Scale(module.weight, std))
+    scale = Scale(module.weight, std)
+    reparametrize(module, "weight", scale)
     if getattr(module, "bias", None) is not None:
-        reparametrize(module, "bias", Shift(module.bias, std))
+        reparametrize(module, "bias", ScaledShift(module.bias, scale, std))
 
 
 def merge_parametrizations(model: nn.Module) -> None:

@@ -5,8 +5,12 @@ Sec. 3 Eq. 16-20; CNN extension supp. G; rank-r variant supp. F), laid out as it
 (github.com/zstarN70/RLRR) runs it:
     W' = W + s_left ⊙ W ⊙ s_right^T,  b' = b + f          (Eq. 16; merged form Eq. 20)
 - transformers (blocks with Linear layers): every Linear of the backbone outside the head (ViT: q, k, v, proj,
-  fc1, fc2 of every block, with q, k and v each scaled on its own inside timm's fused ``qkv``; Swin also its
-  PatchMerging ``reduction``), SSF scale and shift on the norm layers inside the blocks and on the final norm
+  fc1, fc2 of every block, with q, k and v each scaled on its own inside timm's fused ``qkv``, as the official
+  ViT code's separate layers; Swin: one right scale over the fused ``qkv``, as the official ``swin.py``'s one
+  ``RLRRLinear(dim, 3 * dim)``, and its PatchMerging ``reduction``). Every rescaled Linear gets the shift f,
+  a bias-free one (Swin's ``reduction``) as a new bias, as the official ``RLRRLinear`` (``bias = shift_bias``
+  when the layer has none); convolutions without a bias get none (the official ``RLRRConv``).
+  SSF scale and shift on the norm layers inside the blocks and on the final norm
   (``norm``, or ``fc_norm`` where timm normalises after average pooling),
   and on the patch-embedding output of ViT-style models (the official Swin has none there);
 - CNNs (no Linear in the blocks): every Conv2d outside the head, stem and shortcuts included, with the kernel
@@ -15,7 +19,9 @@ Parameters per Linear: out + in + out (3 * o * D* * L, RLRR supp. Table 4); ViT-
 0.29M + head, the paper's 0.33M average over VTAB-1k's heads.
 
 SSF (Lian et al., NeurIPS 2022, as RLRR Eq. 13 writes it): y = gamma ⊙ op(x) + beta after every Linear, Conv2d and
-norm layer inside the blocks; 2 * o * D* * L parameters (RLRR supp. Table 4).
+norm layer inside the blocks, gamma and beta the very parameters of the released code's ``ssf_ada`` (the
+module's output scaled and shifted), folded into the weight and bias for an exact merge
+(:func:`mslora.core.reparam.scale_shift`); 2 * o * D* * L parameters (RLRR supp. Table 4).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from mslora.core.families import NORM_TYPES, family
 from mslora.core.hooks import head_module, is_inside
@@ -88,7 +95,17 @@ def _rlrr_targets(model: nn.Module, cfg: RLRRConfig) -> tuple[list[str], list[st
     return [n for n, m in outside_head if isinstance(m, nn.Conv2d)], []
 
 
-@register("rlrr", RLRRConfig, merge=lambda model, cfg: merge_parametrizations(model))
+def undo_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
+    """Take out the biases :func:`apply_rlrr` gave bias-free Linear layers (their shift's parametrization first)."""
+    for m in model.modules():
+        if vars(m).pop("mslora_zero_bias", False):
+            if parametrize.is_parametrized(m, "bias"):
+                parametrize.remove_parametrizations(m, "bias", leave_parametrized=False)
+            del m.bias
+            m.bias = None
+
+
+@register("rlrr", RLRRConfig, merge=lambda model, cfg: merge_parametrizations(model), undo=undo_rlrr)
 def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
     """Residual low-rank rescaling (Eq. 16) of the official layout's layers, plus SSF scale and shift.
 
@@ -96,14 +113,20 @@ def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
     backbone at initialisation (as every method here but VPT and Mona does, and 'merged equals unmerged' is
     checkable from step 0); ``init='official'`` is the released code's. The paper's Table 10 puts a 'zero' init
     within 1.0 point of its own on each VTAB-1k group (82.4 / 85.1 / 60.8 against 82.7 / 85.8 / 61.8).
-    A layer without a bias gets no shift f (see :func:`mslora.core.reparam.scale_shift`).
+    A convolution without a bias gets no shift f; a bias-free Linear gets it as a new bias (module doc), which a
+    merged model keeps (the official code's layer has that bias too) and :func:`mslora.unadapt` takes out.
     """
     std = 0.02 if cfg.init == "official" else 0.0
     layers, norms = _rlrr_targets(model, cfg)
+    fam = family(model)
+    split_qkv = fam is None or fam.rlrr_split_qkv
     for name in layers:
         m = model.get_submodule(name)
-        fused = isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] == "qkv" and m.out_features % 3 == 0
+        fused = split_qkv and isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] == "qkv" and m.out_features % 3 == 0
         reparametrize(m, "weight", Rescale(m.weight, cfg.rank, identity=cfg.init == "identity", splits=3 if fused else 1))
+        if m.bias is None and isinstance(m, nn.Linear):  # the official RLRRLinear's shift_bias is its bias then
+            m.bias = nn.Parameter(m.weight.new_zeros(m.out_features), requires_grad=False)
+            m.mslora_zero_bias = True  # taken out again by unadapt (undo_rlrr)
         if m.bias is not None:
             reparametrize(m, "bias", Shift(m.bias))
     for name in norms:
