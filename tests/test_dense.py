@@ -381,3 +381,40 @@ def test_predict_files_score_what_the_evaluator_scored(task, scenes, tmp_path):
             pred = torch.from_numpy(np.asarray(Image.open(next(out.glob(f"{k + 1:05d}_*_labels.png")))).astype(np.int64))
             total += confusion_matrix(pred, label, t.num_classes)
         assert segmentation_metrics(total)["mIoU"] == pytest.approx(metrics["test_mIoU"], abs=1e-9)
+
+
+# --- UPerNet / FCN heads as mmsegmentation builds them ---------------------------------------------------------
+
+def test_seg_classifiers_are_mmseg_cls_seg_dropout_then_normal_conv_seg():
+    from mslora.tasks.segment import UPerNet
+
+    torch.manual_seed(0)
+    model = UPerNet(timm.create_model("test_resnet", num_classes=0), num_classes=5, channels=512)
+    for head in (model.decode_head, model.auxiliary_head):
+        drop, conv_seg = head.classifier  # mmseg BaseDecodeHead.cls_seg: dropout, then conv_seg
+        assert isinstance(drop, torch.nn.Dropout2d) and drop.p == 0.1
+        assert conv_seg.kernel_size == (1, 1) and torch.equal(conv_seg.bias, torch.zeros(5))
+        assert abs(conv_seg.weight.std().item() - 0.01) < 0.001 and abs(conv_seg.weight.mean().item()) < 0.001
+    feats = torch.ones(1, 512, 4, 4)
+    head = model.decode_head.classifier.train()
+    assert (head[0](feats).flatten(2).amax(2) == 0).sum() > 20  # whole channels dropped in training (~51 of 512)
+    head.eval()
+    torch.testing.assert_close(head(feats), head[1](feats))  # and none at evaluation
+
+
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_seg_loss_averages_as_mmseg_cross_entropy_loss(avg_non_ignore):
+    from mslora.tasks.segment import cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, generator=gen)
+    target = torch.randint(0, 4, (2, 3, 5), generator=gen)
+    target[0, :2] = IGNORE  # 10 of 30 pixels ignored
+    # mmseg: F.cross_entropy(reduction='none', ignore_index) -> 0 at ignored pixels; weight_reduce_loss 'mean' over
+    # every element, or over the non-ignored count when avg_non_ignore=True
+    logp = torch.log_softmax(logits, 1)
+    per_pixel = [(-logp[b, target[b, i, j], i, j]).item() if target[b, i, j] != IGNORE else 0.0
+                 for b in range(2) for i in range(3) for j in range(5)]
+    denominator = 20 if avg_non_ignore else 30
+    expected = sum(per_pixel) / denominator
+    assert cross_entropy(logits, target, IGNORE, avg_non_ignore).item() == pytest.approx(expected, rel=1e-6)

@@ -80,6 +80,9 @@ class TrainConfig:
                                       "(torchvision: 8, i.e. 32 px at stride 4)")
     rois_per_image: int | None = option(None, "detect task, R-CNNs: RoIs sampled per image to train the box head "
                                         "(torchvision: 512)")
+    avg_non_ignore: bool = option(False, "segment task: average the cross-entropy over the labelled pixels only "
+                                  "(mmseg's CrossEntropyLoss(avg_non_ignore=True)); False, mmseg's default: over "
+                                  "all pixels, the ignored ones counted in the denominator")
     head_channels: int | None = option(None, "detect / segment: width of the neck and heads, FPN or UPerNet "
                                        "channels")
     output: str = option("runs", "parent directory of run directories")

@@ -19,6 +19,7 @@ detectors that predict masks (:data:`MASK_DETECTORS`), mask AP (``segm_AP``, ...
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -81,38 +82,55 @@ class FPNBackbone(nn.Module):
         return self.fpn({k: maps[k] for k in self.keep})
 
 
+MMDET_CASCADE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))  # target_stds
+
+
+def _fresh(module: nn.Module) -> nn.Module:
+    """A copy of a torchvision mask head or predictor with its own draw of torchvision's init (kaiming normal,
+    fan_out, ReLU; biases 0), as mmdet initialises each stage's head on its own."""
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return out
+
+
 class CascadeRoIHeads(RoIHeads):
-    """Cascade R-CNN's box branch with a mask head on its last stage, from torchvision's RoIHeads parts.
+    """Cascade Mask R-CNN's RoI heads as mmdetection's ``CascadeRoIHead`` runs them
+    (``cascade-mask-rcnn_r50_fpn``, the config Mona's code trains), from torchvision's RoIHeads parts.
 
-    Three box stages (Cai & Vasconcelos, "Cascade R-CNN", CVPR 2018, Sec. 4 and Fig. 3d), each a two-layer MLP
-    head (``representation`` wide) with a classifier and a class-agnostic box regressor. Stage t samples its
-    training RoIs with IoU threshold ``ious[t]`` (0.5 / 0.6 / 0.7) from the boxes stage t-1 regressed (the RPN's
-    proposals for stage 1), encodes targets with box-coder weights ``coder_weights[t]`` ((10, 10, 5, 5),
-    (20, 20, 10, 10), (30, 30, 15, 15): mmdet's target stds 0.1/0.05/0.033 and 0.2/0.1/0.067), and its losses
-    (cross-entropy; smooth L1 with beta 1 over the sampled RoIs, as mmdet's cascade configs) weigh
-    ``stage_weights[t]`` (1, 0.5, 0.25). Inference: the class scores are the mean of the three stages' softmax
-    scores, the boxes those the last stage regresses (the paper's ensemble, Sec. 4.3). The mask head (torchvision's
-    Mask R-CNN head) trains on the last stage's positive RoIs and predicts on the final detections.
+    Three stages (Cai & Vasconcelos, "Cascade R-CNN", CVPR 2018, Sec. 4 and Fig. 3d; TPAMI 2019 Sec. 5 for
+    the masks), each a two-layer MLP box head (``representation`` wide) with a classifier and a class-agnostic box
+    regressor, and a mask head (torchvision's Mask R-CNN head, four 3x3 convs, a deconv and a 1x1 predictor, as
+    mmdet's ``FCNMaskHead``). Training: stage t samples its RoIs with IoU threshold ``ious[t]`` (0.5 / 0.6 / 0.7)
+    from its proposals plus the ground-truth boxes (mmdet's ``add_gt_as_proposals``); its targets are encoded with
+    mmdet's ``target_stds`` ``stds[t]`` (0.1/0.2, 0.05/0.1, 0.033/0.067 exactly: box-coder weights 1/std); its
+    box losses (cross-entropy; smooth L1 with beta 1 over the sampled RoIs) and its mask loss (on its positive RoIs)
+    weigh ``stage_weights[t]`` (1, 0.5, 0.25). The next stage's proposals are this stage's regressed boxes of the
+    sampled RoIs that were not ground-truth boxes (mmdet ``refine_bboxes`` drops ``pos_is_gts``), without gradient.
+    Test: the class scores are the softmax of the mean of the three stages' logits (mmdet ``predict_bbox``: the
+    ``cls_score`` s averaged, then ``predict_by_feat``'s softmax), the boxes those the last stage regresses; each
+    stage's mask head predicts on the final detections and the masks are the mean of their sigmoids (mmdet
+    ``merge_aug_masks``). Losses are named ``loss_classifier_s{t}``, ``loss_box_reg_s{t}`` and ``loss_mask_s{t}``
+    (already weighted).
 
-    Differences from mmdet's ``cascade-mask-rcnn_r50_fpn``: mmdet has a mask head per stage (losses weighted like
-    the box losses, masks averaged at test); here one mask head on the last stage, loss weight 1. Losses are
-    named ``loss_classifier_s{t}``, ``loss_box_reg_s{t}`` (already weighted) and ``loss_mask``.
-
-    Built from a torchvision Mask R-CNN's ``roi_heads`` (its pools, sampler, mask head and test thresholds).
+    Built from a torchvision Mask R-CNN's ``roi_heads`` (its pools, sampler, mask head and test thresholds); the
+    other stages' mask heads are fresh draws of the same init.
     """
 
     def __init__(self, base: RoIHeads, in_channels: int, num_classes: int, representation: int = 1024,
                  ious: tuple[float, ...] = (0.5, 0.6, 0.7),
-                 coder_weights: tuple[tuple[float, ...], ...] = ((10., 10., 5., 5.), (20., 20., 10., 10.),
-                                                                  (30., 30., 15., 15.)),
+                 stds: tuple[tuple[float, ...], ...] = MMDET_CASCADE_STDS,
                  stage_weights: tuple[float, ...] = (1.0, 0.5, 0.25)) -> None:
         nn.Module.__init__(self)
         self.__dict__.update({k: v for k, v in vars(base).items() if not k.startswith("_")})  # thresholds, sampler
         self._modules.update(base._modules)
         n = len(ious)
-        if not len(coder_weights) == len(stage_weights) == n:
-            raise ValueError(f"ious, coder_weights and stage_weights must have one entry per stage; got "
-                             f"{len(ious)}, {len(coder_weights)}, {len(stage_weights)}")
+        if not len(stds) == len(stage_weights) == n:
+            raise ValueError(f"ious, stds and stage_weights must have one entry per stage; got "
+                             f"{len(ious)}, {len(stds)}, {len(stage_weights)}")
         size = base.box_roi_pool.output_size
         size = size[0] * size[1] if isinstance(size, (tuple, list)) else size ** 2
         self.box_heads = nn.ModuleList(TwoMLPHead(in_channels * size, representation) for _ in range(n))
@@ -120,54 +138,75 @@ class CascadeRoIHeads(RoIHeads):
                                                            "bbox_pred": nn.Linear(representation, 4)})
                                             for _ in range(n))
         del self.box_head, self.box_predictor
+        if base.has_mask():
+            self.mask_heads = nn.ModuleList([base.mask_head] + [_fresh(base.mask_head) for _ in range(n - 1)])
+            self.mask_predictors = nn.ModuleList([base.mask_predictor] +
+                                                 [_fresh(base.mask_predictor) for _ in range(n - 1)])
+            del self.mask_head, self.mask_predictor
         self.matchers = [Matcher(t, t, allow_low_quality_matches=False) for t in ious]
-        self.coders = [BoxCoder(w) for w in coder_weights]
+        self.coders = [BoxCoder(tuple(1.0 / v for v in std)) for std in stds]
         self.stage_weights = stage_weights
+
+    def has_mask(self) -> bool:
+        """Whether the heads predict masks (a mask head per stage)."""
+        return getattr(self, "mask_roi_pool", None) is not None and hasattr(self, "mask_heads")
+
+    def subsample(self, labels):
+        """torchvision's sampling, its indices kept to tell the ground-truth proposals apart (see :meth:`forward`)."""
+        self.sampled = super().subsample(labels)
+        return self.sampled
+
+    def _masks(self, t: int, features, rois, image_shapes) -> torch.Tensor:
+        """Stage ``t``'s mask logits (sum K_i, classes, 28, 28) for the RoIs (per image (K_i, 4))."""
+        return self.mask_predictors[t](self.mask_heads[t](self.mask_roi_pool(features, rois, image_shapes)))
 
     def forward(self, features, proposals, image_shapes, targets=None):
         """torchvision's ``RoIHeads.forward`` contract: ``features`` the FPN's maps (name -> (B, C, H_l, W_l)),
         ``proposals`` the RPN's boxes per image ((N_i, 4) xyxy pixels of the resized image), ``image_shapes`` the
         resized (H, W) per image, ``targets`` (training) boxes / labels / masks per image. Returns (detections,
         losses): in eval mode one dict per image with ``boxes`` (K, 4), ``labels`` (K,), ``scores`` (K,) and
-        ``masks`` (K, 1, 28, 28) probabilities; in train mode the weighted stage losses and ``loss_mask``."""
-        losses, scores = {}, []
-        labels = matched = None
+        ``masks`` (K, 1, 28, 28) probabilities; in train mode the weighted stage losses."""
+        losses, stage_logits = {}, []
         for t, (head, pred) in enumerate(zip(self.box_heads, self.box_predictors)):
             self.proposal_matcher, self.box_coder = self.matchers[t], self.coders[t]
+            w = self.stage_weights[t]
             if self.training:
+                given = [len(p) for p in proposals]  # the ground-truth boxes are appended after these
                 proposals, matched, labels, reg_targets = self.select_training_samples(proposals, targets)
+                from_gt = [i >= g for i, g in zip(self.sampled, given)]
             x = head(self.box_roi_pool(features, proposals, image_shapes))
             logits, deltas = pred["cls_score"](x), pred["bbox_pred"](x)
             if self.training:
                 lab, reg = torch.cat(labels), torch.cat(reg_targets)
                 pos = lab > 0
-                w = self.stage_weights[t]
                 losses[f"loss_classifier_s{t + 1}"] = w * F.cross_entropy(logits, lab)
                 losses[f"loss_box_reg_s{t + 1}"] = w * F.smooth_l1_loss(
                     deltas[pos], reg[pos], beta=1.0, reduction="sum") / max(lab.numel(), 1)
+                if self.has_mask():
+                    keep = [torch.where(lb > 0)[0] for lb in labels]
+                    rois = [p[k] for p, k in zip(proposals, keep)]
+                    losses[f"loss_mask_s{t + 1}"] = w * maskrcnn_loss(
+                        self._masks(t, features, rois, image_shapes), rois, [g["masks"] for g in targets],
+                        [g["labels"] for g in targets], [m[k] for m, k in zip(matched, keep)])
             else:
-                scores.append(F.softmax(logits, -1))
+                stage_logits.append(logits)
             if t < len(self.box_heads) - 1:  # the next stage starts from this one's boxes (no gradient through them)
                 boxes = self.box_coder.decode(deltas.detach(), proposals).reshape(-1, 4)
                 proposals = [clip_boxes_to_image(b, s) for b, s in zip(boxes.split([len(p) for p in proposals]),
                                                                         image_shapes)]
-        result = []
-        if not self.training:
-            mean = torch.stack(scores).mean(0).clamp_min(1e-12).log()  # softmax(log p) = p in postprocessing
-            boxes, sc, lb = self.postprocess_detections(mean, deltas.repeat(1, mean.shape[-1]), proposals, image_shapes)
-            result = [{"boxes": b, "labels": c, "scores": s} for b, c, s in zip(boxes, lb, sc)]
+                if self.training:  # mmdet refine_bboxes: the refined ground-truth RoIs are not carried on
+                    proposals = [p[~g] for p, g in zip(proposals, from_gt)]
+        if self.training:
+            return [], losses
+        mean = torch.stack(stage_logits).mean(0)  # postprocess_detections applies the softmax
+        boxes, sc, lb = self.postprocess_detections(mean, deltas.repeat(1, mean.shape[-1]), proposals, image_shapes)
+        result = [{"boxes": b, "labels": c, "scores": s} for b, c, s in zip(boxes, lb, sc)]
         if self.has_mask():
-            if self.training:
-                keep = [torch.where(lab > 0)[0] for lab in labels]
-                rois = [p[k] for p, k in zip(proposals, keep)]
-                logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, image_shapes)))
-                losses["loss_mask"] = maskrcnn_loss(logits, rois, [t["masks"] for t in targets],
-                                                    [t["labels"] for t in targets], [m[k] for m, k in zip(matched, keep)])
-            else:
-                rois = [r["boxes"] for r in result]
-                logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, image_shapes)))
-                for probs, r in zip(maskrcnn_inference(logits, [r["labels"] for r in result]), result):
-                    r["masks"] = probs
+            rois, labels = [r["boxes"] for r in result], [r["labels"] for r in result]
+            stages = [maskrcnn_inference(self._masks(t, features, rois, image_shapes), labels)
+                      for t in range(len(self.mask_heads))]  # per stage, per image: sigmoid (K, 1, 28, 28)
+            for i, r in enumerate(result):
+                r["masks"] = torch.stack([s[i] for s in stages]).mean(0)
         return result, losses
 
 

@@ -5,7 +5,11 @@ UPerNet (Xiao et al., "Unified Perceptual Parsing for Scene Understanding", ECCV
 mmsegmentation's ``UPerHead`` builds it: a pyramid pooling module (scales 1, 2, 3, 6) on the last map, an FPN
 (1x1 laterals, top-down sums, 3x3 output convs) over the stages, all levels upsampled to the finest, concatenated
 and fused by a 3x3 conv, then a 1x1 classifier; conv-BN-ReLU everywhere. The auxiliary FCN head reads the third
-map (stride 16) and its loss weighs 0.4 (CoLoRA supp. Sec. F; mmseg's ADE20K configs). Written here rather than
+map (stride 16) and its loss weighs 0.4 (CoLoRA supp. Sec. F; mmseg's ADE20K configs). Both classifiers are
+mmseg's ``BaseDecodeHead.cls_seg``: ``Dropout2d(0.1)`` then the 1x1 ``conv_seg`` initialised N(0, 0.01), bias 0
+(its ``init_cfg``). The cross-entropy is averaged as mmseg's ``CrossEntropyLoss`` does by default
+(``avg_non_ignore=False``: the ignored pixels count in the denominator, contributing 0), or over the labelled
+pixels only with ``avg_non_ignore=True`` (PyTorch's own mean). Written here rather than
 taken from segmentation_models_pytorch, whose UPerNet decoder expects that library's own encoders' feature list
 (with an input-resolution entry) and would add a dependency for about sixty lines.
 """
@@ -30,6 +34,28 @@ def _cbr(cin: int, cout: int, k: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+class ClsSeg(nn.Sequential):
+    """mmseg ``BaseDecodeHead.cls_seg``: ``Dropout2d(dropout_ratio)`` then the 1x1 ``conv_seg``, its weight drawn
+    from N(0, 0.01) and its bias 0 (``init_cfg=dict(type='Normal', std=0.01, override=dict(name='conv_seg'))``).
+    (B, C, H, W) -> (B, num_classes, H, W)."""
+
+    def __init__(self, channels: int, num_classes: int, dropout_ratio: float = 0.1) -> None:
+        super().__init__(nn.Dropout2d(dropout_ratio), nn.Conv2d(channels, num_classes, 1))
+        nn.init.normal_(self[1].weight, 0.0, 0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 255,
+                  avg_non_ignore: bool = False) -> torch.Tensor:
+    """mmseg's ``CrossEntropyLoss`` (``mmseg/models/losses/cross_entropy_loss.py``): per-pixel cross-entropy, 0 at
+    ``ignore_index``, averaged over all B H W pixels (``avg_non_ignore=False``, mmseg's default) or over the
+    labelled ones only (True). logits (B, K, H, W), targets (B, H, W) int64 -> a scalar."""
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")  # (B, H, W)
+    if avg_non_ignore:
+        return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
+    return loss.mean()
+
+
 class UPerHead(nn.Module):
     """UPerNet decoder: maps (B, C_i, H_i, W_i), finest first -> logits (B, num_classes, H_0, W_0)."""
 
@@ -42,7 +68,7 @@ class UPerHead(nn.Module):
         self.laterals = nn.ModuleList(_cbr(c, channels, 1) for c in in_channels[:-1])
         self.fpn_convs = nn.ModuleList(_cbr(channels, channels, 3) for _ in in_channels[:-1])
         self.fuse = _cbr(len(in_channels) * channels, channels, 3)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = ClsSeg(channels, num_classes)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         top = maps[-1]
@@ -58,11 +84,12 @@ class UPerHead(nn.Module):
 
 
 class FCNHead(nn.Module):
-    """Auxiliary FCN head: a 3x3 conv-BN-ReLU and a 1x1 classifier. (B, C, H, W) -> (B, num_classes, H, W)."""
+    """Auxiliary FCN head (mmseg ``FCNHead``, num_convs=1, concat_input=False): a 3x3 conv-BN-ReLU and
+    :class:`ClsSeg`. (B, C, H, W) -> (B, num_classes, H, W)."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256) -> None:
         super().__init__()
-        self.conv, self.classifier = _cbr(in_channels, channels, 3), nn.Conv2d(channels, num_classes, 1)
+        self.conv, self.classifier = _cbr(in_channels, channels, 3), ClsSeg(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.conv(x))
@@ -73,14 +100,14 @@ class UPerNet(nn.Module):
 
     ``forward(images)`` returns logits (B, num_classes, H, W) at the image size; in train mode with ``targets``
     (B, H, W) class indices (``ignore_index`` ignored) it returns the loss dict ``{"loss_seg", "loss_aux"}``
-    (cross-entropy, the auxiliary one weighted by ``aux_weight``).
+    (:func:`cross_entropy`, averaged per ``avg_non_ignore``; the auxiliary one weighted by ``aux_weight``).
 
     Raises:
         ValueError: fewer than two feature maps (a plain ViT gets four from the simple feature pyramid).
     """
 
     def __init__(self, model: nn.Module, num_classes: int, channels: int = 512, aux_weight: float = 0.4,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255, avg_non_ignore: bool = False) -> None:
         super().__init__()
         self.backbone = Features(model)
         chans = self.backbone.channels
@@ -89,7 +116,7 @@ class UPerNet(nn.Module):
         self.decode_head = UPerHead(chans, num_classes, channels)
         self.aux = len(chans) - 2 if len(chans) < 4 else 2  # the third map (stride 16 on 4-stage backbones)
         self.auxiliary_head = FCNHead(chans[self.aux], num_classes, channels // 2)
-        self.aux_weight, self.ignore_index = aux_weight, ignore_index
+        self.aux_weight, self.ignore_index, self.avg_non_ignore = aux_weight, ignore_index, avg_non_ignore
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
         maps = list(self.backbone(images).values())
@@ -98,7 +125,7 @@ class UPerNet(nn.Module):
         if targets is None:
             return logits
         aux = F.interpolate(self.auxiliary_head(maps[self.aux]), size, mode="bilinear", align_corners=False)
-        ce = lambda x: F.cross_entropy(x, targets, ignore_index=self.ignore_index)  # noqa: E731
+        ce = lambda x: cross_entropy(x, targets, self.ignore_index, self.avg_non_ignore)  # noqa: E731
         return {"loss_seg": ce(logits), "loss_aux": self.aux_weight * ce(aux)}
 
 
@@ -144,7 +171,8 @@ class Segmentation(DenseTask):
 
     def wrap(self, backbone: nn.Module) -> nn.Module:
         """UPerNet around the adapted backbone."""
-        return UPerNet(backbone, self.num_classes, channels=self.cfg.head_channels)
+        return UPerNet(backbone, self.num_classes, channels=self.cfg.head_channels,
+                       avg_non_ignore=self.cfg.avg_non_ignore)
 
     def set_transforms(self, model: nn.Module) -> None:
         """mmseg's training pipeline (random scale 0.5-2, crop, flip) and a resize for evaluation, with the
