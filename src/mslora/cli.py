@@ -1,5 +1,5 @@
 """Command line: ``mslora train | eval | predict | export | params | merge | bench | report | visualize | sweep |
-serve``.
+tune | serve``.
 
 Options come from the config dataclasses (:class:`mslora.engine.config.TrainConfig` and the chosen method's
 config), their help from each field's metadata (:func:`mslora.methods.options.option`). Precedence: defaults <
@@ -278,6 +278,44 @@ def cmd_sweep(argv: list[str]) -> int:
     return 0
 
 
+def cmd_tune(argv: list[str]) -> int:
+    """``mslora tune``: every method tuned on validation over a grid, re-run with several seeds, one report with
+    intervals (:mod:`mslora.tools.tune`); returns 0."""
+    from mslora.tools.tune import parse_grid, tune
+
+    p = argparse.ArgumentParser(prog="mslora tune", description="Per method: train every grid point and score it on "
+                                "validation, re-run the best point with every seed, report the test metric with 95%% "
+                                "intervals (report.md, report.json, a plot). Trials run on Optuna with a shared "
+                                "storage; a killed tune resumes. Other arguments are mslora train's (e.g. --config "
+                                "FILE, --epochs 10).")
+    p.add_argument("--methods", required=True, help="comma-separated methods, e.g. lora,mslora")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a training option's values, e.g. lr=1e-3,3e-3 (repeat for more keys)")
+    p.add_argument("--method-grid", action="append", default=[], metavar="METHOD.OPTION=V1,V2",
+                   help="a method option's values, e.g. mslora.rank=32,128")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the final runs (the first also seeds the search; "
+                   "default 0,1,2)")
+    p.add_argument("--output", required=True, help="folder for the trials, optuna.db and the report")
+    p.add_argument("--vtab-root", help="tune on each VTAB-1k task folder under this root")
+    p.add_argument("--tasks", help="with --vtab-root: comma-separated task names (default: every folder found)")
+    p.add_argument("--vtab-protocol", action="store_true", help="choose on train800 (val200), train the final runs "
+                   "on train800val200")
+    p.add_argument("--processes", type=count(1), default=1, help="local worker processes sharing the storage "
+                   "(default 1)")
+    p.add_argument("--storage", help="Optuna storage URL shared by workers on several machines (PostgreSQL, MySQL; "
+                   "default: sqlite OUTPUT/optuna.db)")
+    a, rest = p.parse_known_args(argv)
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {a.seeds} is not a comma-separated list of integers") from None
+    print(tune(workers=a.processes, train_argv=rest, methods=[m for m in a.methods.split(",") if m.strip()],
+               grid=parse_grid(a.grid), method_grid=parse_grid(a.method_grid, prefix_method=True), seeds=seeds,
+               output=a.output, vtab_root=a.vtab_root, tasks=a.tasks.split(",") if a.tasks else None,
+               vtab_protocol=a.vtab_protocol, storage=a.storage))
+    return 0
+
+
 def cmd_serve(argv: list[str]) -> int:
     """``mslora serve``: trained adapters behind HTTP on LitServe (:mod:`mslora.tools.serve`); returns 0 when
     interrupted."""
@@ -315,7 +353,7 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "params": cmd_params,
-            "merge": cmd_merge, "bench": cmd_bench, "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep,
+            "merge": cmd_merge, "bench": cmd_bench, "report": cmd_report, "visualize": cmd_visualize, "sweep": cmd_sweep, "tune": cmd_tune,
             "serve": cmd_serve}
 USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
 
@@ -329,6 +367,7 @@ USAGE = """usage: mslora COMMAND [options]   ('mslora COMMAND --help' for each)
   report   finished runs as a markdown table and PNG plots
   visualize  MSLoRA's reweighting maps per stage over images (the paper's Fig. 1 and 3)
   sweep    one config over the 19 VTAB-1k tasks, one table in the papers' layout
+  tune     every method tuned on validation, re-run with several seeds, a report with 95% intervals
   serve    trained adapters over HTTP (LitServe), many on one backbone, with a page to try them"""
 
 

@@ -86,6 +86,8 @@ class TrainConfig:
     head_channels: int | None = option(None, "detect / segment: width of the neck and heads, FPN or UPerNet "
                                        "channels")
     output: str = option("runs", "parent directory of run directories")
+    test: bool = option(True, "evaluate the best epoch on the test split at the end (mslora tune's search trials "
+                        "run without it: the choice of a setting never sees the test set)")
     seed: int = option(0, "seed of initialisation, augmentation and batch order")
     pretrained: bool = option(True, "load pretrained weights (offline package, else timm hub)")
     weights: str | None = option(None, "local checkpoint path instead of pretrained weights")

@@ -443,7 +443,7 @@ class Loop:
         acc.wait_for_everyone()  # the best adapter file is complete before any process reads it
         tensors, _ = read_adapter(self.best)
         load_adapter_state(self.unwrapped, tensors)
-        test = task.evaluate(self.model, self.test_loader, acc.gather_for_metrics, "test")
+        test = task.evaluate(self.model, self.test_loader, acc.gather_for_metrics, "test") if cfg.test else {}
         seconds = time.perf_counter() - t_start
         collapsed = task.collapsed(state["history"])
         short = collapsed is not None and state["step"] < MIN_STEPS_TO_JUDGE and math.isfinite(

@@ -1,0 +1,115 @@
+"""mslora tune: grids, the choice on validation, intervals, and a tune killed mid-trial that resumes without
+re-running its finished trials."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from conftest import colour_folder
+from mslora.cli import main
+from mslora.tools.tune import parse_grid, points, summarise, t_interval
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TINY = ["--backbone", "test_resnet", "--no-pretrained", "--batch-size", "4", "--img-size", "32", "--warmup-epochs", "0"]
+
+
+def test_grids_parse_and_multiply():
+    assert parse_grid(["lr=1e-3,3e-3", "weight_decay=0,0.05"]) == {"lr": [1e-3, 3e-3], "weight_decay": [0, 0.05]}
+    assert parse_grid(["mslora.rank=32,128", "lora.rank=8"], prefix_method=True) == {"mslora": {"rank": [32, 128]},
+                                                                                   "lora": {"rank": [8]}}
+    assert points({"lr": [1, 2], "wd": [0, 5]}) == [{"lr": 1, "wd": 0}, {"lr": 1, "wd": 5}, {"lr": 2, "wd": 0},
+                                                    {"lr": 2, "wd": 5}]
+    for bad, match in ((["lr"], "is not KEY=V1,V2"), (["lr="], "is not KEY=V1,V2"), (["lr=1", "lr=2"], "twice")):
+        with pytest.raises(ValueError, match=match):
+            parse_grid(bad)
+    with pytest.raises(ValueError, match="is not METHOD.OPTION"):
+        parse_grid(["rank=8"], prefix_method=True)
+    with pytest.raises(ValueError, match="unknown method 'nosuch'"):
+        parse_grid(["nosuch.rank=8"], prefix_method=True)
+
+
+def test_t_interval_and_the_paired_comparison():
+    lo, hi = t_interval([1.0, 2.0, 3.0])
+    half = stats.t.ppf(0.975, 2) * 1.0 / 3 ** 0.5  # sample std 1, n = 3
+    assert (lo, hi) == pytest.approx((2 - half, 2 + half))
+    run = lambda seed, top1, **kw: {"task": "classify", "seed": seed, "test_top1": top1, "trainable_params": 10,  # noqa: E731
+                                    "seconds_train": 1.0, **kw}
+    rows = summarise({
+        "a": {"chosen": {"lr": 0.1}, "final": [run(0, 0.90), run(1, 0.91), run(2, 0.92)], "search": []},
+        "b": {"chosen": {"lr": 0.1}, "final": [run(0, 0.80), run(1, 0.81), run(2, 0.80)], "search": []},
+        "c": {"chosen": {"lr": 0.1}, "final": [run(0, 0.89), run(1, 0.93), run(2, 0.5, collapsed=True,
+                                                                                 collapse_reason="at chance")],
+              "search": [{"point": {"lr": 1.0}, "collapsed": True}]},
+    })
+    a, b, c = rows
+    assert a["best"] and a["mean"] == pytest.approx(91.0)
+    assert b["distinguishable"] is True and b["paired_diff"] == pytest.approx(-10.67, abs=0.01)
+    assert c["seeds"] == [0, 1] and c["distinguishable"] is False  # its wide interval overlaps a's
+    assert c["collapsed"] == ["seed 2: at chance"] and c["search_collapsed"] == ["lr=1.0"]  # left out, listed
+
+
+def test_errors_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "tune"
+    for argv, match in (
+        (["--methods", "lora", "--method-grid", "mslora.rank=4"], "names mslora, not among --methods lora"),
+        (["--methods", "mslora", "--grid", "lr=abc"], "lr='abc' must be of type float"),
+        (["--methods", "mslora", "--method-grid", "mslora.rnak=4"], "rnak"),
+        (["--methods", "mslora", "--seeds", "0,x"], "--seeds 0,x is not"),
+    ):
+        assert main(["tune", *argv, "--output", str(out), *TINY, "--data", str(tmp_path)]) == 2
+        assert match in capsys.readouterr().err
+        assert not out.exists()
+
+
+def _trial_runs(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "trials").glob("*/*/*/*/*/*") if (p / "config.yaml").is_file())
+
+
+def test_a_killed_tune_resumes_without_re_running_finished_trials(tmp_path):
+    data = colour_folder(tmp_path / "data", ("red", "green", "blue"), 10)
+    out = tmp_path / "tune"
+    kwargs = dict(train_argv=[*TINY, "--data", str(data), "--epochs", "12", "--set", "ckpt_every=1"],
+                  methods=["linear"], grid={"lr": [0.01, 0.03]}, method_grid={}, seeds=[0, 1], output=str(out))
+    code = ("import sys, mslora.tools.tune as t; t.HEARTBEAT_S, t.GRACE_S = 1, 2; "
+            f"t.tune(**{kwargs!r})")
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:  # kill it once one trial has finished and another has a checkpoint but no result
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            runs = _trial_runs(out)
+            finished = [r for r in runs if (r / "metrics.json").is_file()]
+            midway = [r for r in runs if (r / "checkpoints" / "last.pt").is_file() and not (r / "metrics.json").exists()]
+            if finished and midway:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the tune ended before it could be killed mid-trial"
+    before = {r: (r / "metrics.json").stat().st_mtime_ns for r in finished}
+    time.sleep(2.5)  # the killed worker's heartbeat lapses (grace 2 s here)
+    import mslora.tools.tune as t
+
+    t.HEARTBEAT_S, t.GRACE_S = 1, 2
+    try:
+        report = t.tune(**kwargs)
+    finally:
+        t.HEARTBEAT_S, t.GRACE_S = 30, 90
+    for r, mtime in before.items():
+        assert (r / "metrics.json").stat().st_mtime_ns == mtime, f"{r} was trained again"
+    runs = _trial_runs(out)
+    assert len(runs) == 4 and all((r / "metrics.json").is_file() for r in runs)  # 2 search + 2 final, no duplicate
+    for r in midway:  # the killed trial went on in its own directory, from its checkpoint
+        assert "resumed from" in (r / "train.log").read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert [row["method"] for row in data["summary"]["data"]] == ["linear"]
+    assert report.read_text().count("| linear |") == 1 and (out / "metric_vs_params.png").is_file()
