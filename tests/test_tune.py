@@ -13,7 +13,7 @@ from scipy import stats
 
 from conftest import colour_folder
 from mslora.cli import main
-from mslora.tools.tune import parse_grid, points, summarise, t_interval
+from mslora.tools.tune import parse_grid, points, summarise, t_interval, variant
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--backbone", "test_resnet", "--no-pretrained", "--batch-size", "4", "--img-size", "32", "--warmup-epochs", "0"]
@@ -28,6 +28,7 @@ def test_grids_parse_and_multiply():
     for bad, match in ((["lr"], "is not KEY=V1,V2"), (["lr="], "is not KEY=V1,V2"), (["lr=1", "lr=2"], "twice")):
         with pytest.raises(ValueError, match=match):
             parse_grid(bad)
+    assert variant("mslora@rank=128@groups=2") == ("mslora", {"rank": 128, "groups": 2}) and variant("lora") == ("lora", {})
     with pytest.raises(ValueError, match="is not METHOD.OPTION"):
         parse_grid(["rank=8"], prefix_method=True)
     with pytest.raises(ValueError, match="unknown method 'nosuch'"):
@@ -61,6 +62,8 @@ def test_errors_before_anything_is_written(tmp_path, capsys):
         (["--methods", "mslora", "--grid", "lr=abc"], "lr='abc' must be of type float"),
         (["--methods", "mslora", "--method-grid", "mslora.rnak=4"], "rnak"),
         (["--methods", "mslora", "--seeds", "0,x"], "--seeds 0,x is not"),
+        (["--methods", "mslora@rank=0"], "rank"),
+        (["--methods", "linear"], "holds no images"),  # the data is loaded before the output exists
     ):
         assert main(["tune", *argv, "--output", str(out), *TINY, "--data", str(tmp_path)]) == 2
         assert match in capsys.readouterr().err

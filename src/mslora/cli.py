@@ -288,7 +288,8 @@ def cmd_tune(argv: list[str]) -> int:
                                 "intervals (report.md, report.json, a plot). Trials run on Optuna with a shared "
                                 "storage; a killed tune resumes. Other arguments are mslora train's (e.g. --config "
                                 "FILE, --epochs 10).")
-    p.add_argument("--methods", required=True, help="comma-separated methods, e.g. lora,mslora")
+    p.add_argument("--methods", required=True, help="comma-separated methods, each optionally with fixed options as "
+                   "its own row, e.g. lora,mslora,mslora@rank=128")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a training option's values, e.g. lr=1e-3,3e-3 (repeat for more keys)")
     p.add_argument("--method-grid", action="append", default=[], metavar="METHOD.OPTION=V1,V2",

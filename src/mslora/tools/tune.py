@@ -5,7 +5,8 @@ Learning in Visual Recognition", arXiv 2409.16434, ``main_tune.py``): per task a
 grid (``--grid lr=... --grid weight_decay=...``, and per-method options ``--method-grid mslora.rank=32,128``) trains
 on train and is scored on validation (the test split is never evaluated in this stage: ``test=False``); the best
 point (ties: the smaller lr, then the earlier point) is re-run with every seed, and only those runs' test metrics are
-reported. VTAB-1k (``--vtab-root``, the task folders ``mslora sweep`` knows): ``--vtab-protocol`` chooses on
+reported. A method may appear several times with fixed options (``--methods mslora,mslora@rank=128``), each its
+own row. VTAB-1k (``--vtab-root``, the task folders ``mslora sweep`` knows): ``--vtab-protocol`` chooses on
 ``train800`` (validated on ``val200``) and trains the final runs on ``train800val200``, the papers' protocol.
 
 Trials run on Optuna (a study per task and method: ``GridSampler`` over the grid, then over the seeds) with a
@@ -77,6 +78,21 @@ def parse_grid(items: list[str], prefix_method: bool = False) -> dict:
     return out
 
 
+def variant(label: str) -> tuple[str, dict[str, Any]]:
+    """A ``--methods`` entry: a method, or a method with fixed options, ``METHOD@KEY=VALUE[@KEY=VALUE...]`` (e.g.
+    ``mslora@rank=128``, reported as its own row). Returns (method, options).
+
+    Raises:
+        ValueError: an unknown method, or an option that is not KEY=VALUE.
+    """
+    method, *fixed = label.split("@")
+    get_method(method)
+    options = {}
+    for item in fixed:
+        options.update(pop_sets(["--set", item])[1])
+    return method, options
+
+
 def points(grid: dict[str, list]) -> list[dict[str, Any]]:
     """Every point of the grid (the product of its values, in the order given)."""
     keys = list(grid)
@@ -105,13 +121,14 @@ class Tune:
             raise ValueError("no methods given (--methods m1,m2,...)")
         if not seeds:
             raise ValueError("no seeds given (--seeds 0,1,2)")
-        unknown = sorted(set(method_grid) - set(methods))
+        self.variants = {m: variant(m) for m in methods}
+        unknown = sorted(set(method_grid) - {base for base, _ in self.variants.values()})
         if unknown:
             raise ValueError(f"--method-grid names {', '.join(unknown)}, not among --methods {', '.join(methods)}")
         self.argv, self.methods, self.seeds = list(train_argv), list(methods), list(seeds)
         self.out = Path(output)
         self.storage = storage or f"sqlite:///{(self.out / 'optuna.db').resolve()}"
-        self.grids = {m: {**grid, **method_grid.get(m, {})} for m in methods}
+        self.grids = {m: {**grid, **method_grid.get(self.variants[m][0], {})} for m in methods}
         self.vtab_protocol = vtab_protocol
         if vtab_root is not None:
             root = Path(vtab_root)
@@ -125,19 +142,23 @@ class Tune:
             self.tasks = {t: ["--data", str(root / t)] for t in names}
         else:
             self.tasks = {"data": []}
-        for task in self.tasks:  # every configuration checked before anything is written
+        for task in self.tasks:  # every configuration checked, and each task's data loaded, before anything is written
             for method in methods:
                 for p in points(self.grids[method]):
-                    self.config(task, method, p, self.seeds[0], "search")
-                self.config(task, method, points(self.grids[method])[0], self.seeds[0], "final")
+                    cfg = self.config(task, method, p, self.seeds[0], "search")
+                    get_method(cfg.method).make_config(**cfg.method_options)
+                final = self.config(task, method, points(self.grids[method])[0], self.seeds[0], "final")
+            for c in {cfg.split: cfg, final.split: final}.values():  # the search's split and the final runs'
+                get_task(c.task)(c)
 
     def config(self, task: str, method: str, point: dict[str, Any], seed: int, stage: str):
         """The TrainConfig of one trial (its ``output`` the trial's folder, ``test`` off in the search stage)."""
-        sets = [a for k, v in point.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+        base, fixed = self.variants[method]
+        sets = [a for k, v in {**fixed, **point}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
         split = []
         if self.vtab_protocol:
             split = ["--set", "split=" + ("train800" if stage == "search" else "train800val200")]
-        cfg = config_from_args([*self.argv, *self.tasks[task], "--method", method, "--seed", str(seed), *split, *sets,
+        cfg = config_from_args([*self.argv, *self.tasks[task], "--method", base, "--seed", str(seed), *split, *sets,
                                 "--output", str(self.trial_dir(task, method, point, seed, stage))])
         cfg.test = stage == "final"
         return cfg
