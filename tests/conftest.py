@@ -25,7 +25,7 @@ SPECS = {
     "efficientnet": ("test_efficientnet", {}),  # NCHW, BatchNormAct
     "swin": ("swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=64,
                                                    window_size=4)),  # NHWC
-    "tnt": ("tnt_s_legacy_patch16_224", dict(depth=2, img_size=64)),  # blocks return (pixel_embed, patch_embed)
+    "tnt": ("tnt_s_legacy_patch16_224", dict(depth=2, img_size=64, global_pool="avg")),  # blocks return tuples
 }
 MODELS = {k: (lambda name=name, kw=kw: timm.create_model(name, num_classes=4, **kw)) for k, (name, kw) in SPECS.items()}
 
