@@ -113,6 +113,11 @@ def test_a_killed_tune_resumes_without_re_running_finished_trials(tmp_path):
     assert len(runs) == 4 and all((r / "metrics.json").is_file() for r in runs)  # 2 search + 2 final, no duplicate
     for r in midway:  # the killed trial went on in its own directory, from its checkpoint
         assert "resumed from" in (r / "train.log").read_text()
+    chosen = json.loads((out / "report.json").read_text())["summary"]["data"][0]["chosen"]
+    final0 = json.loads(next((out / "trials/data/linear/final").glob("*/seed0/*/metrics.json")).read_text())
+    searched = next((out / "trials/data/linear/search").glob(f"lr={chosen['lr']}/seed0/*/metrics.json")).parent
+    assert final0["tested_from"] == str(searched) and "test_top1" in final0  # seed 0 not trained twice
+    assert "test_top1" not in json.loads((searched / "metrics.json").read_text())  # the search never saw test
     data = json.loads((out / "report.json").read_text())
     assert [row["method"] for row in data["summary"]["data"]] == ["linear"]
     assert report.read_text().count("| linear |") == 1 and (out / "metric_vs_params.png").is_file()

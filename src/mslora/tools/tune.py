@@ -5,7 +5,8 @@ Learning in Visual Recognition", arXiv 2409.16434, ``main_tune.py``): per task a
 grid (``--grid lr=... --grid weight_decay=...``, and per-method options ``--method-grid mslora.rank=32,128``) trains
 on train and is scored on validation (the test split is never evaluated in this stage: ``test=False``); the best
 point (ties: the smaller lr, then the earlier point) is re-run with every seed, and only those runs' test metrics are
-reported. A method may appear several times with fixed options (``--methods mslora,mslora@rank=128``), each its
+reported (the search's own seed is not trained twice: its search run's best adapter is evaluated on test, which is
+what a re-run of the same config would report). A method may appear several times with fixed options (``--methods mslora,mslora@rank=128``), each its
 own row. VTAB-1k (``--vtab-root``, the task folders ``mslora sweep`` knows): ``--vtab-protocol`` chooses on
 ``train800`` (validated on ``val200``) and trains the final runs on ``train800val200``, the papers' protocol.
 
@@ -183,6 +184,10 @@ class Tune:
             log.info("%s %s %s %s seed %d: finished before, read", task, method, stage, point_name(point), seed)
             return done
         parent = self.trial_dir(task, method, point, seed, stage)
+        if stage == "final" and seed == self.seeds[0] and not self.vtab_protocol:
+            searched = self.result(task, method, point, seed, "search")
+            if searched is not None and not searched.get("collapsed"):
+                return tested(searched, parent)
         started = [r for r in sorted(parent.iterdir()) if (r / "config.yaml").is_file()] if parent.is_dir() else []
         try:
             metrics, run = resume(started[0]) if started else train(self.config(task, method, point, seed, stage))
@@ -282,6 +287,25 @@ class Tune:
                           for r in [self.result(task, method, best, s, "final")] if r is not None]
                 out.setdefault(task, {})[method] = {"chosen": best, "final": finals, "search": search}
         return out
+
+
+def tested(searched: dict[str, Any], parent: Path) -> dict[str, Any]:
+    """The final run of the search's own seed: that search run trained it already (the same config but ``test``),
+    so its best epoch's adapter is evaluated on the test split (:func:`mslora.engine.loop.evaluate_adapter`, the
+    path ``mslora eval`` takes) instead of training it again. Writes ``PARENT/<run>/metrics.json`` (the search
+    run's metrics, its test metrics added, ``tested_from`` naming it) and its config; returns the metrics."""
+    from mslora.engine.loop import evaluate_adapter
+
+    source = Path(searched["run"])
+    test = {k: v for k, v in evaluate_adapter(source).items() if k.startswith("test_")}
+    run = parent / source.name
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text((source / "config.yaml").read_text())
+    metrics = {k: v for k, v in searched.items() if k != "run"} | test | {"tested_from": str(source)}
+    tmp = run / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(run / "metrics.json")
+    return {**metrics, "run": str(run)}
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
