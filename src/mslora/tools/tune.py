@@ -242,7 +242,8 @@ class Tune:
                 return
             optuna.storages.fail_stale_trials(study)  # a dead worker's trials: failed, and queued again (retry)
             trials = study.get_trials(deepcopy=False)
-            live = {key(t.params) for t in trials if not t.state.is_finished()}
+            live = {key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials  # queued: fixed_params
+                    if not t.state.is_finished()}
             left = [p for p in todo if key(p) not in live]
             if not left and any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
                 time.sleep(HEARTBEAT_S)  # live workers hold every point left
