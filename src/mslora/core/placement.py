@@ -14,9 +14,9 @@ every other family, and sites described by measurement.
   ``(pixel_embed, patch_embed)``, SelecSLS's lists) is adapted on the one tensor that carries the batch's features:
   the one element of rank 3 or 4 whose leading axis is the batch (the probe runs a batch of two, so TNT's
   (B * N, ...) pixel tokens are not it) and that is not an input passed through; the other elements pass through.
-  Where several elements qualify (HRNet's stages: one map per resolution) the site is refused with the reason. NesT's (B, T, N, C) blocks (T square
-  blocks of N tokens each; the axis that follows the input size is T) are read through NesT's own
-  ``deblockify``. A site whose axes cannot be told apart is refused with the reason.
+  Where several elements qualify (HRNet's stages: one map per resolution) the site is refused with the reason.
+  NesT's (B, T, N, C) blocks (T square blocks of N tokens each; the axis that follows the input size is T) are
+  read through NesT's own ``deblockify``. A site whose axes cannot be told apart is refused with the reason.
 - **Pre-norm.** A block is pre-norm (MSLoRA Sec. 4.1: a LayerNorm is prepended at the adapter's input) when
   the first layer with parameters that runs inside it is a norm layer; the table overrides this for families
   whose residual branch normalises after a first depth-wise conv (ConvNeXt).
@@ -190,13 +190,13 @@ PROBE_BATCH = 2  # the probe's batch: a feature tensor's leading axis equals it
 def feature_item(value, args=()) -> int | None:
     """Index of the element of a tuple or list that carries the batch's features: the one tensor of rank 3 or 4
     whose leading axis is the probe's batch (:data:`PROBE_BATCH`) and that is not one of the module's inputs
-    passed through (SelecSLS hands its first block's map on unchanged), its first place where it appears twice;
-    None when there is none or more than one
-    (HRNet's stages return one map per resolution: which to adapt is the user's choice)."""
+    passed through (SelecSLS hands its first block's map on unchanged); its first index where it appears twice
+    (SelecSLS's first block returns ``[out, out]``). None when there is no such tensor or more than one (HRNet's
+    stages return one map per resolution: which to adapt is the user's choice)."""
     inputs = {id(a) for arg in args for a in (arg if isinstance(arg, (tuple, list)) else (arg,))}
     found = [i for i, v in enumerate(value) if torch.is_tensor(v) and v.ndim in (3, 4) and v.shape[0] == PROBE_BATCH
              and id(v) not in inputs]
-    return found[0] if len({id(value[i]) for i in found}) == 1 else None  # one tensor (SelecSLS: [out, out])
+    return found[0] if len({id(value[i]) for i in found}) == 1 else None
 
 
 class _Probe:
