@@ -121,3 +121,24 @@ def test_a_killed_tune_resumes_without_re_running_finished_trials(tmp_path):
     data = json.loads((out / "report.json").read_text())
     assert [row["method"] for row in data["summary"]["data"]] == ["linear"]
     assert report.read_text().count("| linear |") == 1 and (out / "metric_vs_params.png").is_file()
+
+
+def test_a_trial_another_live_worker_holds_is_left_to_it(tmp_path):
+    # a worker whose heartbeat lapsed (paused, preempted) but still trains: its run's lock says so, and the
+    # trial is not resumed a second time beside it
+    from mslora.tools.tune import Tune
+
+    data = colour_folder(tmp_path / "data", ("red", "green"), 6)
+    job = Tune([*TINY, "--data", str(data), "--epochs", "1"], ["linear"], {"lr": [0.01]}, {}, [0], tmp_path / "t")
+    run = job.trial_dir("data", "linear", {"lr": 0.01}, 0, "search") / "linear-run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("method: linear\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"FileLock({str(run / '.lock')!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert job.run_trial("data", "linear", {"lr": 0.01}, 0, "search") == {"busy": str(run), "run": str(run)}
+    finally:
+        holder.kill()
+    assert not (run / "metrics.json").exists()

@@ -189,6 +189,8 @@ class Tune:
             if searched is not None and not searched.get("collapsed"):
                 return tested(searched, parent)
         started = [r for r in sorted(parent.iterdir()) if (r / "config.yaml").is_file()] if parent.is_dir() else []
+        if started and in_use(started[0]):  # a worker alive but late with its heartbeat (paused, preempted) has it
+            return {"busy": str(started[0]), "run": str(started[0])}
         try:
             metrics, run = resume(started[0]) if started else train(self.config(task, method, point, seed, stage))
         except TrainingDiverged as e:
@@ -229,6 +231,9 @@ class Tune:
             point = {k: trial.suggest_categorical(k, v) for k, v in grid.items()}
             r = run(point)
             trial.set_user_attr("run", r["run"])
+            if "busy" in r:
+                time.sleep(HEARTBEAT_S)
+                raise optuna.TrialPruned(f"{r['busy']} is being trained by another worker")
             if r.get("collapsed"):
                 raise optuna.TrialPruned(r.get("collapse_reason") or "collapsed")
             return float(r.get(f"val_{get_task(r['task']).best_metric}", math.nan))
@@ -288,6 +293,19 @@ class Tune:
                           for r in [self.result(task, method, best, s, "final")] if r is not None]
                 out.setdefault(task, {})[method] = {"chosen": best, "final": finals, "search": search}
         return out
+
+
+def in_use(run: Path) -> bool:
+    """Whether another process holds the run directory's lock (``RUN/.lock``, :func:`mslora.engine.loop.run_lock`)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(run / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def tested(searched: dict[str, Any], parent: Path) -> dict[str, Any]:
