@@ -133,8 +133,8 @@ def test_a_trial_another_live_worker_holds_is_left_to_it(tmp_path):
     run = job.trial_dir("data", "linear", {"lr": 0.01}, 0, "search") / "linear-run"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("method: linear\n")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-                               f"FileLock({str(run / '.lock')!r}).acquire(); print('held', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from filelock import FileLock; "
+                               f"lock = FileLock({str(run / '.lock')!r}); lock.acquire(); print('held', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
