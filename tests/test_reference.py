@@ -186,7 +186,8 @@ def test_rlrr_on_swin_is_the_official_swin_layout():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     for name, has_bias in (("layers.0.blocks.0.attn.qkv", True), ("layers.1.downsample.reduction", False)):
         layer = model.get_submodule(name)
-        r, shift = layer.parametrizations.weight[0], layer.parametrizations.bias[0].shift
+        r = layer.parametrizations.weight[0]
+        shift = layer.parametrizations.bias[0].shift if has_bias else layer.bias  # the bias-free layer's is f
         assert r.s_right.shape[0] == 1  # one right scale over the fused qkv
         w = layer.parametrizations.weight.original.detach()
         ref = OfficialSwinRLRRLinear(w.shape[1], w.shape[0])

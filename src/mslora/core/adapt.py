@@ -145,6 +145,9 @@ def unadapt(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(m):
             for tensor_name in list(m.parametrizations):
                 parametrize.remove_parametrizations(m, tensor_name, leave_parametrized=False)
+        if vars(m).pop("mslora_added_bias", False):  # a bias the method gave a bias-free layer (RLRR's shift)
+            del m.bias
+            m.bias = None
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in rec.originals.items():

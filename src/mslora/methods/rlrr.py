@@ -29,7 +29,6 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from mslora.core.families import NORM_TYPES, family
 from mslora.core.hooks import head_module, is_inside
@@ -95,17 +94,7 @@ def _rlrr_targets(model: nn.Module, cfg: RLRRConfig) -> tuple[list[str], list[st
     return [n for n, m in outside_head if isinstance(m, nn.Conv2d)], []
 
 
-def undo_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
-    """Take out the biases :func:`apply_rlrr` gave bias-free Linear layers (their shift's parametrization first)."""
-    for m in model.modules():
-        if vars(m).pop("mslora_zero_bias", False):
-            if parametrize.is_parametrized(m, "bias"):
-                parametrize.remove_parametrizations(m, "bias", leave_parametrized=False)
-            del m.bias
-            m.bias = None
-
-
-@register("rlrr", RLRRConfig, merge=lambda model, cfg: merge_parametrizations(model), undo=undo_rlrr)
+@register("rlrr", RLRRConfig, merge=lambda model, cfg: merge_parametrizations(model))
 def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
     """Residual low-rank rescaling (Eq. 16) of the official layout's layers, plus SSF scale and shift.
 
@@ -113,8 +102,9 @@ def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
     backbone at initialisation (as every method here but VPT and Mona does, and 'merged equals unmerged' is
     checkable from step 0); ``init='official'`` is the released code's. The paper's Table 10 puts a 'zero' init
     within 1.0 point of its own on each VTAB-1k group (82.4 / 85.1 / 60.8 against 82.7 / 85.8 / 61.8).
-    A convolution without a bias gets no shift f; a bias-free Linear gets it as a new bias (module doc), which a
-    merged model keeps (the official code's layer has that bias too) and :func:`mslora.unadapt` takes out.
+    A convolution without a bias gets no shift f; a bias-free Linear gets it as a new, trainable bias (module doc;
+    the official code's ``shift_bias``), which a merged model keeps as a bias (so a merged RLRR Swin is not a
+    plain timm checkpoint) and :func:`mslora.unadapt` takes out.
     """
     std = 0.02 if cfg.init == "official" else 0.0
     layers, norms = _rlrr_targets(model, cfg)
@@ -124,10 +114,10 @@ def apply_rlrr(model: nn.Module, cfg: RLRRConfig) -> None:
         m = model.get_submodule(name)
         fused = split_qkv and isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] == "qkv" and m.out_features % 3 == 0
         reparametrize(m, "weight", Rescale(m.weight, cfg.rank, identity=cfg.init == "identity", splits=3 if fused else 1))
-        if m.bias is None and isinstance(m, nn.Linear):  # the official RLRRLinear's shift_bias is its bias then
-            m.bias = nn.Parameter(m.weight.new_zeros(m.out_features), requires_grad=False)
-            m.mslora_zero_bias = True  # taken out again by unadapt (undo_rlrr)
-        if m.bias is not None:
+        if m.bias is None and isinstance(m, nn.Linear):  # the official RLRRLinear's shift_bias is its bias then:
+            m.bias = nn.Parameter(m.weight.new_zeros(m.out_features))  # here too, the shift f itself (from 0)
+            m.mslora_added_bias = True  # taken out again by mslora.unadapt
+        elif m.bias is not None:
             reparametrize(m, "bias", Shift(m.bias))
     for name in norms:
         scale_shift(model.get_submodule(name), std)
