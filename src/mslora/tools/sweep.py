@@ -42,6 +42,23 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "| " + " | ".join(head) + " |\n" + "| --- " * len(head) + "|\n| " + " | ".join(row) + " |\n" + note
 
 
+def task_folders(root: Path, tasks: list[str] | None = None) -> list[str]:
+    """The VTAB-1k task names to run under ``root``: ``tasks``, or every task folder found there, in VTAB order.
+
+    Raises:
+        ValueError: an unknown task name.
+        FileNotFoundError: a requested task folder is missing, or none is found.
+    """
+    unknown = sorted(set(tasks or ()) - set(VTAB_TASKS))
+    if unknown:
+        raise ValueError(f"unknown VTAB-1k task(s) {', '.join(unknown)}; expected some of {', '.join(VTAB_TASKS)}")
+    names = list(tasks) if tasks else [t for t in VTAB_TASKS if (root / t).is_dir()]
+    missing = [t for t in names if not (root / t).is_dir()]
+    if missing or not names:
+        raise FileNotFoundError(f"no VTAB-1k task folder {', '.join(missing or VTAB_TASKS)} under '{root}'")
+    return names
+
+
 def sweep(train_argv: list[str], root: str | Path, output: str | Path, tasks: list[str] | None = None) -> Path:
     """Train ``mslora train TRAIN_ARGV --data ROOT/TASK`` for each task and write ``vtab1k.md`` and
     ``vtab1k.json`` into ``output`` (runs under ``output/runs``); returns the markdown's path.
@@ -51,13 +68,7 @@ def sweep(train_argv: list[str], root: str | Path, output: str | Path, tasks: li
         ValueError: an unknown task name, or training options that do not parse.
     """
     root, out = Path(root), Path(output)
-    unknown = sorted(set(tasks or ()) - set(VTAB_TASKS))
-    if unknown:
-        raise ValueError(f"unknown VTAB-1k task(s) {', '.join(unknown)}; expected some of {', '.join(VTAB_TASKS)}")
-    names = list(tasks) if tasks else [t for t in VTAB_TASKS if (root / t).is_dir()]
-    missing = [t for t in names if not (root / t).is_dir()]
-    if missing or not names:
-        raise FileNotFoundError(f"no VTAB-1k task folder {', '.join(missing or VTAB_TASKS)} under '{root}'")
+    names = task_folders(root, tasks)
     configs = {t: config_from_args([*train_argv, "--data", str(root / t), "--output", str(out / "runs")]) for t in names}
     results: dict[str, dict[str, Any]] = {}
     for t, cfg in configs.items():

@@ -40,10 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mslora.engine.checkpoint import atomic_write
 from mslora.engine.config import config_from_args, pop_sets
 from mslora.engine.loop import TrainingDiverged, resume, train
 from mslora.registry import get_method, get_task
-from mslora.tools.sweep import VTAB_TASKS
+from mslora.tools.sweep import task_folders
 
 log = logging.getLogger("mslora")
 HEARTBEAT_S = 30  # Optuna's heartbeat; a RUNNING trial silent for GRACE_S is a dead worker's, handed out again
@@ -133,14 +134,7 @@ class Tune:
         self.vtab_protocol = vtab_protocol
         if vtab_root is not None:
             root = Path(vtab_root)
-            names = list(tasks) if tasks else [t for t in VTAB_TASKS if (root / t).is_dir()]
-            bad = sorted(set(names) - set(VTAB_TASKS))
-            if bad:
-                raise ValueError(f"unknown VTAB-1k task(s) {', '.join(bad)}; expected some of {', '.join(VTAB_TASKS)}")
-            missing = [t for t in names if not (root / t).is_dir()]
-            if missing or not names:
-                raise FileNotFoundError(f"no VTAB-1k task folder {', '.join(missing or VTAB_TASKS)} under '{root}'")
-            self.tasks = {t: ["--data", str(root / t)] for t in names}
+            self.tasks = {t: ["--data", str(root / t)] for t in task_folders(root, tasks)}
         else:
             self.tasks = {"data": []}
         for task in self.tasks:  # every configuration checked, and each task's data loaded, before anything is written
@@ -321,9 +315,7 @@ def tested(searched: dict[str, Any], parent: Path) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text((source / "config.yaml").read_text())
     metrics = {k: v for k, v in searched.items() if k != "run"} | test | {"tested_from": str(source)}
-    tmp = run / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(run / "metrics.json")
+    atomic_write(run / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     return {**metrics, "run": str(run)}
 
 
