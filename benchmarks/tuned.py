@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("dataset", choices=("fashion-mnist", "digits", "detect", "segment"))
     ap.add_argument("--processes", type=int, default=1, help="trials run at once (each on cores / processes)")
     ap.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    ap.add_argument("--report", action="store_true", help="train nothing: the report of the trials finished so far")
     args = ap.parse_args()
     out = Path(__file__).parent / "results" / "tune" / args.dataset
     if args.dataset in ("detect", "segment"):  # the task's default data: the scene set
@@ -52,7 +53,7 @@ def main() -> None:
         setup = dict(methods=METHODS, grid=GRID, seeds=SEEDS, train_argv=[*RECIPE, "--data", data])
     if args.methods:
         setup["methods"] = args.methods.split(",")
-    print(tune(workers=args.processes, method_grid={}, output=out, **setup))
+    print(tune(workers=args.processes, method_grid={}, output=out, report_only=args.report, **setup))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ def test_errors_before_anything_is_written(tmp_path, capsys):
         assert main(["tune", *argv, "--output", str(out), *TINY, "--data", str(tmp_path)]) == 2
         assert match in capsys.readouterr().err
         assert not out.exists()
+    data = colour_folder(tmp_path / "data", ("red", "green"), 6)
+    assert main(["tune", "--methods", "linear", "--report", "--output", str(out), *TINY, "--data", str(data)]) == 2
+    assert "holds no trials" in capsys.readouterr().err and not out.exists()
 
 
 def _trial_runs(out: Path) -> list[Path]:
@@ -99,9 +102,19 @@ def test_a_killed_tune_resumes_without_re_running_finished_trials(tmp_path):
         proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the tune ended before it could be killed mid-trial"
     before = {r: (r / "metrics.json").stat().st_mtime_ns for r in finished}
-    time.sleep(2.5)  # the killed worker's heartbeat lapses (grace 2 s here)
     import mslora.tools.tune as t
 
+    # --report on the stopped tune: trains nothing, chooses nothing from a partial search, says how far it got
+    t.tune(report_only=True, **kwargs)
+    assert _trial_runs(out) == runs
+    row = json.loads((out / "report.json").read_text())["summary"]["data"][0]
+    searched = sum("/search/" in str(r) for r in finished)
+    finals = sum("/final/" in str(r) for r in finished)
+    assert row["finished"] == f"{searched}/2 search, {finals}/2 final"
+    if searched < 2:  # the usual case: killed in the search's second trial
+        assert row["chosen"] is None and row["mean"] is None
+        assert "| linear | - | - | - | 0 |" in (out / "report.md").read_text()
+    time.sleep(2.5)  # the killed worker's heartbeat lapses (grace 2 s here)
     t.HEARTBEAT_S, t.GRACE_S = 1, 2
     try:
         report = t.tune(**kwargs)

@@ -305,6 +305,8 @@ def cmd_tune(argv: list[str]) -> int:
                    "(default 1)")
     p.add_argument("--storage", help="Optuna storage URL shared by workers on several machines (PostgreSQL, MySQL; "
                    "default: sqlite OUTPUT/optuna.db)")
+    p.add_argument("--report", action="store_true", help="train nothing: write the report of the trials finished so "
+                   "far (a tune running or stopped)")
     a, rest = p.parse_known_args(argv)
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -313,7 +315,7 @@ def cmd_tune(argv: list[str]) -> int:
     print(tune(workers=a.processes, train_argv=rest, methods=[m for m in a.methods.split(",") if m.strip()],
                grid=parse_grid(a.grid), method_grid=parse_grid(a.method_grid, prefix_method=True), seeds=seeds,
                output=a.output, vtab_root=a.vtab_root, tasks=a.tasks.split(",") if a.tasks else None,
-               vtab_protocol=a.vtab_protocol, storage=a.storage))
+               vtab_protocol=a.vtab_protocol, storage=a.storage, report_only=a.report))
     return 0
 
 

@@ -280,12 +280,14 @@ class Tune:
         out: dict[str, Any] = {}
         for task in self.tasks:
             for method in self.methods:
-                best = self.choose(task, method)
                 search = [{"point": p, **(self.result(task, method, p, self.seeds[0], "search") or {})}
                           for p in points(self.grids[method])]
+                # a point is chosen once the whole search has finished (never from a partial search)
+                best = self.choose(task, method) if all("run" in s for s in search) else None
                 finals = [r for s in self.seeds if best is not None
                           for r in [self.result(task, method, best, s, "final")] if r is not None]
-                out.setdefault(task, {})[method] = {"chosen": best, "final": finals, "search": search}
+                out.setdefault(task, {})[method] = {"chosen": best, "final": finals, "search": search,
+                                                    "seeds": list(self.seeds)}
         return out
 
 
@@ -350,6 +352,8 @@ def summarise(methods: dict[str, Any]) -> list[dict[str, Any]]:
             "collapsed": [f"seed {r.get('seed')}: {r.get('collapse_reason')}" for r in info["final"]
                           if r.get("collapsed")],
             "search_collapsed": [point_name(s["point"]) for s in info["search"] if s.get("collapsed")],
+            "finished": f"{sum('run' in s for s in info['search'])}/{len(info['search'])} search, "
+                        f"{len(info['final'])}/{len(info.get('seeds', info['final']))} final",
         })
     ranked = [r for r in rows if r["mean"] is not None]
     if ranked:
@@ -380,7 +384,8 @@ def write_report(summary: dict[str, Any], output: Path) -> Path:
         lines += [f"## {task}", "", f"Test {metric} (%) of the point chosen on validation, over the seeds of the final "
                   "runs: mean ± sample std, 95% t interval; paired difference to the best method over the same seeds.",
                   "", "| method | chosen (on val) | test mean ± std | 95% interval | seeds | trainable params | "
-                  "train s | vs best (paired) | distinguishable from best | collapsed |", "| --- " * 10 + "|"]
+                  "train s | vs best (paired) | distinguishable from best | collapsed | runs finished |",
+                  "| --- " * 11 + "|"]
         for r in sorted(rows, key=lambda r: -(r["mean"] if r["mean"] is not None else -math.inf)):
             ci = f"[{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if r["ci95"] else "-"
             paired = "best" if r.get("best") else (
@@ -393,8 +398,9 @@ def write_report(summary: dict[str, Any], output: Path) -> Path:
             std = f" ± {_fmt(r['std'])}" if r["std"] is not None else ""
             lines.append(f"| {r['method']} | {point_name(r['chosen'] or {})} | {_fmt(r['mean'])}{std} | {ci} | "
                          f"{len(r['seeds'])} | {r['trainable_params'] or '-':,} | {_fmt(r['seconds_train'], 0)} | "
-                         f"{paired} | {dist} | {collapsed} |" if r["trainable_params"] else
-                         f"| {r['method']} | {point_name(r['chosen'] or {})} | - | - | 0 | - | - | - | - | {collapsed} |")
+                         f"{paired} | {dist} | {collapsed} | {r['finished']} |" if r["trainable_params"] else
+                         f"| {r['method']} | {point_name(r['chosen']) if r['chosen'] else '-'} | - | - | 0 | - | - | - | - | "
+                         f"{collapsed} | {r['finished']} |")
         plot = _plot(rows, output, task if len(summary) > 1 else None)
         if plot is not None:
             lines += ["", f"![{plot.stem}]({plot.name})", ""]
@@ -438,14 +444,21 @@ def _worker(kwargs: dict[str, Any], threads: int) -> None:
     Tune(**kwargs).run()
 
 
-def tune(workers: int = 1, **kwargs) -> Path:
+def tune(workers: int = 1, report_only: bool = False, **kwargs) -> Path:
     """Build the :class:`Tune` (every trial's configuration checked), then run it in ``workers`` local processes
-    sharing the storage (each with cores / workers threads); returns ``report.md``'s path.
+    sharing the storage (each with cores / workers threads); returns ``report.md``'s path. With ``report_only``
+    nothing is trained: the report is written from the trials finished so far (a tune still running, or stopped),
+    each method's row saying how far its search and final runs got.
 
     Raises:
-        ValueError / FileNotFoundError: see :class:`Tune` (before anything is written).
+        ValueError / FileNotFoundError: see :class:`Tune` (before anything is written); FileNotFoundError also for
+            ``report_only`` on an output folder that holds no trials.
     """
     job = Tune(**kwargs)
+    if report_only:
+        if not (job.out / "trials").is_dir():
+            raise FileNotFoundError(f"{job.out} holds no trials (trials/) to report on")
+        return write_report(job.summary(), job.out)
     if workers <= 1:
         return job.run()
     job.out.mkdir(parents=True, exist_ok=True)
