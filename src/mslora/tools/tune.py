@@ -194,12 +194,15 @@ class Tune:
         return {**metrics, "run": str(run)}
 
     def choose(self, task: str, method: str) -> dict[str, Any] | None:
-        """The search stage's best point: the highest validation metric among finished runs that did not collapse;
-        ties go to the smaller lr, then to the earlier point. None when every point collapsed."""
+        """The search stage's best point: the highest validation metric among its runs that did not collapse;
+        ties go to the smaller lr, then to the earlier point. None while the search has not finished (a point is
+        never chosen from part of it) and when every point collapsed."""
         best = None
         for i, p in enumerate(points(self.grids[method])):
             r = self.result(task, method, p, self.seeds[0], "search")
-            if r is None or r.get("collapsed"):
+            if r is None:
+                return None
+            if r.get("collapsed"):
                 continue
             key = (r[f"val_{get_task(r['task']).best_metric}"], -float(p.get("lr", r.get("lr", 0))), -i)
             if best is None or key > best[0]:
@@ -282,8 +285,7 @@ class Tune:
             for method in self.methods:
                 search = [{"point": p, **(self.result(task, method, p, self.seeds[0], "search") or {})}
                           for p in points(self.grids[method])]
-                # a point is chosen once the whole search has finished (never from a partial search)
-                best = self.choose(task, method) if all("run" in s for s in search) else None
+                best = self.choose(task, method)
                 finals = [r for s in self.seeds if best is not None
                           for r in [self.result(task, method, best, s, "final")] if r is not None]
                 out.setdefault(task, {})[method] = {"chosen": best, "final": finals, "search": search,
