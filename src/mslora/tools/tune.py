@@ -385,7 +385,7 @@ def write_report(summary: dict[str, Any], output: Path) -> Path:
         metric = next((r["metric"] for r in rows if r["metric"]), "metric")
         lines += [f"## {task}", "", f"Test {metric} (%) of the point chosen on validation, over the seeds of the final "
                   "runs: mean ± sample std, 95% t interval; paired difference to the best method over the same seeds.",
-                  "", "| method | chosen (on val) | test mean ± std | 95% interval | seeds | trainable params | "
+                  "", "| method | chosen (on val) | test mean ± std | 95% interval | per seed | trainable params | "
                   "train s | vs best (paired) | distinguishable from best | collapsed | runs finished |",
                   "| --- " * 11 + "|"]
         for r in sorted(rows, key=lambda r: -(r["mean"] if r["mean"] is not None else -math.inf)):
@@ -398,10 +398,11 @@ def write_report(summary: dict[str, Any], output: Path) -> Path:
                 dist = "-"
             collapsed = "; ".join(r["collapsed"] + [f"search {p}" for p in r["search_collapsed"]]) or "none"
             std = f" ± {_fmt(r['std'])}" if r["std"] is not None else ""
+            per_seed = ", ".join(f"{s}: {_fmt(r['test'][s])}" for s in r["seeds"])
             lines.append(f"| {r['method']} | {point_name(r['chosen'] or {})} | {_fmt(r['mean'])}{std} | {ci} | "
-                         f"{len(r['seeds'])} | {r['trainable_params'] or '-':,} | {_fmt(r['seconds_train'], 0)} | "
+                         f"{per_seed} | {r['trainable_params'] or '-':,} | {_fmt(r['seconds_train'], 0)} | "
                          f"{paired} | {dist} | {collapsed} | {r['finished']} |" if r["trainable_params"] else
-                         f"| {r['method']} | {point_name(r['chosen']) if r['chosen'] else '-'} | - | - | 0 | - | - | - | - | "
+                         f"| {r['method']} | {point_name(r['chosen']) if r['chosen'] else '-'} | - | - | - | - | - | - | - | "
                          f"{collapsed} | {r['finished']} |")
         plot = _plot(rows, output, task if len(summary) > 1 else None)
         if plot is not None:
