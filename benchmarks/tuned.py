@@ -8,7 +8,7 @@ Classification (issue 19): frozen ImageNet EfficientNet-Lite0 (offline weights),
 warmup epoch (the library's recipe: zero-initialised head, gradient-norm clipping at 1.0, AdamW, cosine), on
 Fashion-MNIST ``random1k`` (800 train / 200 val drawn with split seed 0, the 10,000 test images) and scikit-learn's
 digits written as an ImageFolder (:func:`classification.make_digits`; ``random1k`` of mslora's 70/15/15 pools:
-800 / 200, 269 test images). Methods at their library defaults, MSLoRA also at the paper's rank 128; every method
+800 / 200, 270 test images). Methods at their library defaults, MSLoRA also at the paper's rank 128; every method
 over lr 1e-3, 3e-3, 1e-2, 3e-2 x weight decay 0, 0.05 chosen on validation (seed 0), then seeds 0, 1, 2.
 Dense (the offline scene set, each task's default recipe: Mask R-CNN or UPerNet + FCN over a frozen Lite0, see
 ``mslora.engine.config.TASK_DEFAULTS``): fixed, full, lora and mslora over lr 3e-4, 1e-3 (weight decay at its
