@@ -78,3 +78,9 @@ def test_sweep_over_vtab_task_folders(tmp_path, capsys):
     assert "| collapsed |" in table(results) and "left out of the means (eurosat)" in table(results)
     assert main(["sweep", "--vtab-root", str(tmp_path / "vtab"), "--output", str(out), "--tasks", "dmlab"]) == 2
     assert "no VTAB-1k task folder dmlab" in capsys.readouterr().err
+    # train's options that the sweep sets per task are refused, and --task is train's, not an abbreviated --tasks
+    assert main(["sweep", "--vtab-root", str(tmp_path / "vtab"), "--output", str(out), "--data", "x"]) == 2
+    assert "--data is set per run here; each task folder under --vtab-root" in capsys.readouterr().err
+    assert main(["sweep", "--vtab-root", str(tmp_path / "vtab"), "--output", str(tmp_path / "s2"), "--task", "segment",
+                 "--backbone", "test_resnet", "--no-pretrained"]) == 2
+    assert "segment" in capsys.readouterr().err and not (tmp_path / "s2").exists()

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -63,6 +64,9 @@ def test_errors_before_anything_is_written(tmp_path, capsys):
         (["--methods", "mslora", "--method-grid", "mslora.rnak=4"], "rnak"),
         (["--methods", "mslora", "--seeds", "0,x"], "--seeds 0,x is not"),
         (["--methods", "mslora@rank=0"], "rank"),
+        (["--methods", "linear", "--seed", "3"], "--seed is set per run here; use --seeds"),
+        (["--methods", "linear", "--method=lora"], "--method is set per run here; use --methods"),
+        (["--methods", "linear", "--tasks", "dtd"], "--tasks dtd needs --vtab-root"),
         (["--methods", "linear"], "holds no images"),  # the data is loaded before the output exists
     ):
         assert main(["tune", *argv, "--output", str(out), *TINY, "--data", str(tmp_path)]) == 2
@@ -156,3 +160,33 @@ def test_a_trial_another_live_worker_holds_is_left_to_it(tmp_path):
     finally:
         holder.kill()
     assert not (run / "metrics.json").exists()
+
+
+def test_a_dense_task_tunes_on_its_own_metric(tmp_path):
+    """`mslora tune --task segment`: the choice is made on validation mIoU, the report's numbers are test mIoU in %."""
+    from mslora.data.scenes import write_scenes
+
+    g = np.zeros((12, 28, 28), np.uint8)
+    g[0::2, 4:24, 4:24] = 220  # squares
+    g[1::2, 2:26, 10:18] = 220  # bars
+    labels = np.arange(12) % 2
+    data = write_scenes(tmp_path / "scenes", g, labels, g, labels, ["square", "bar"], {"train": 6, "val": 3, "test": 3})
+    out = tmp_path / "tune"
+    argv = ["tune", "--task", "segment", "--methods", "fixed,mslora@rank=4@groups=1", "--grid", "lr=1e-3,1e-2",
+            "--seeds", "0,1", "--output", str(out), "--backbone", "test_resnet", "--no-pretrained", "--batch-size", "2",
+            "--img-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--head-channels", "8", "--data", str(data)]
+    assert main(argv) == 0
+    rows = json.loads((out / "report.json").read_text())["summary"]
+    (task, rows), = rows.items()
+    for row in rows:
+        method = row["method"]
+        search = {p.parts[-4]: json.loads(p.read_text())["val_mIoU"]
+                  for p in (out / "trials" / task / method / "search").glob("*/seed0/*/metrics.json")}
+        assert len(search) == 2 and row["metric"] == "mIoU" and row["finished"] == "2/2 search, 2/2 final"
+        best = max(search.values())  # ties go to the smaller lr
+        assert row["chosen"]["lr"] == min(float(k[3:]) for k, v in search.items() if v == best)
+        finals = [json.loads(p.read_text())
+                  for p in (out / "trials" / task / method / "final").glob("*/seed*/*/metrics.json")]
+        assert sorted(row["test"]) == ["0", "1"]  # JSON keys
+        assert sorted(100 * f["test_mIoU"] for f in finals) == pytest.approx(sorted(row["test"].values()))
+        assert 0 <= row["mean"] <= 100

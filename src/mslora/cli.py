@@ -262,6 +262,20 @@ def cmd_visualize(argv: list[str]) -> int:
     return 0
 
 
+def pass_through(rest: list[str], owned: dict[str, str]) -> list[str]:
+    """``rest`` (the arguments a sweep or tune hands to every run's ``mslora train``) unchanged, unless it holds an
+    option the sweep or tune sets per run itself: that one would be overridden silently.
+
+    Raises:
+        ValueError: ``rest`` holds a flag of ``owned`` (flag -> what to use instead), as ``--flag v`` or ``--flag=v``.
+    """
+    for arg in rest:
+        flag = arg.split("=", 1)[0]
+        if flag in owned:
+            raise ValueError(f"{flag} is set per run here; {owned[flag]}")
+    return rest
+
+
 def cmd_sweep(argv: list[str]) -> int:
     """``mslora sweep``: a training config over the VTAB-1k tasks, one results table (:mod:`mslora.tools.sweep`);
     returns 0."""
@@ -269,11 +283,13 @@ def cmd_sweep(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="mslora sweep", description="Train one config on each VTAB-1k task folder "
                                 "under --vtab-root and write one table (per task, group means, mean over tasks). "
-                                "Other arguments are mslora train's (e.g. --config FILE --set lr=1e-3).")
+                                "Other arguments are mslora train's (e.g. --config FILE --set lr=1e-3).",
+                                allow_abbrev=False)  # else train's --task would be taken for --tasks
     p.add_argument("--vtab-root", required=True, help=f"folder holding the task folders ({', '.join(VTAB_TASKS[:3])}, ...)")
     p.add_argument("--tasks", help="comma-separated task names (default: every task folder found)")
     p.add_argument("--output", required=True, help="folder for vtab1k.md, vtab1k.json and the runs")
     a, rest = p.parse_known_args(argv)
+    rest = pass_through(rest, {"--data": "each task folder under --vtab-root is one run's data"})
     print(sweep(rest, a.vtab_root, a.output, a.tasks.split(",") if a.tasks else None))
     return 0
 
@@ -287,7 +303,7 @@ def cmd_tune(argv: list[str]) -> int:
                                 "validation, re-run the best point with every seed, report the test metric with 95%% "
                                 "intervals (report.md, report.json, a plot). Trials run on Optuna with a shared "
                                 "storage; a killed tune resumes. Other arguments are mslora train's (e.g. --config "
-                                "FILE, --epochs 10).")
+                                "FILE, --epochs 10).", allow_abbrev=False)  # else train's --task would be --tasks
     p.add_argument("--methods", required=True, help="comma-separated methods, each optionally with fixed options as "
                    "its own row, e.g. lora,mslora,mslora@rank=128")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -308,6 +324,12 @@ def cmd_tune(argv: list[str]) -> int:
     p.add_argument("--report", action="store_true", help="train nothing: write the report of the trials finished so "
                    "far (a tune running or stopped)")
     a, rest = p.parse_known_args(argv)
+    owned = {"--method": "use --methods", "--seed": "use --seeds"}
+    if a.vtab_root:
+        owned["--data"] = "each task folder under --vtab-root is one run's data"
+    elif a.tasks:
+        raise ValueError(f"--tasks {a.tasks} needs --vtab-root (the training task is --task)")
+    rest = pass_through(rest, owned)
     try:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     except ValueError:
