@@ -262,6 +262,9 @@ def cmd_visualize(argv: list[str]) -> int:
     return 0
 
 
+VTAB_DATA = {"--data": "each task folder under --vtab-root is one run's data"}  # set per run by sweep and tune
+
+
 def pass_through(rest: list[str], owned: dict[str, str]) -> list[str]:
     """``rest`` (the arguments a sweep or tune hands to every run's ``mslora train``) unchanged, unless it holds an
     option the sweep or tune sets per run itself: that one would be overridden silently.
@@ -289,7 +292,7 @@ def cmd_sweep(argv: list[str]) -> int:
     p.add_argument("--tasks", help="comma-separated task names (default: every task folder found)")
     p.add_argument("--output", required=True, help="folder for vtab1k.md, vtab1k.json and the runs")
     a, rest = p.parse_known_args(argv)
-    rest = pass_through(rest, {"--data": "each task folder under --vtab-root is one run's data"})
+    rest = pass_through(rest, VTAB_DATA)
     print(sweep(rest, a.vtab_root, a.output, a.tasks.split(",") if a.tasks else None))
     return 0
 
@@ -324,10 +327,8 @@ def cmd_tune(argv: list[str]) -> int:
     p.add_argument("--report", action="store_true", help="train nothing: write the report of the trials finished so "
                    "far (a tune running or stopped)")
     a, rest = p.parse_known_args(argv)
-    owned = {"--method": "use --methods", "--seed": "use --seeds"}
-    if a.vtab_root:
-        owned["--data"] = "each task folder under --vtab-root is one run's data"
-    elif a.tasks:
+    owned = {"--method": "use --methods", "--seed": "use --seeds", **(VTAB_DATA if a.vtab_root else {})}
+    if a.tasks and not a.vtab_root:
         raise ValueError(f"--tasks {a.tasks} needs --vtab-root (the training task is --task)")
     rest = pass_through(rest, owned)
     try:
