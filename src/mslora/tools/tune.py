@@ -422,16 +422,18 @@ def _plot(rows: list[dict[str, Any]], output: Path, task: str | None) -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # a legend, not labels at the points: methods with close parameter counts (LoRA / DoRA) overprint each other;
+    # colour and marker both vary so that no two of up to 20 methods look alike
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"
+    for i, r in enumerate(sorted(rows, key=lambda r: -r["mean"])):
         lo, hi = r["ci95"] or (r["mean"], r["mean"])
-        ax.errorbar([r["trainable_params"]], [r["mean"]], yerr=[[r["mean"] - lo], [hi - r["mean"]]], fmt="o",
-                    capsize=3)
-        ax.annotate(r["method"], (r["trainable_params"], r["mean"]), fontsize="small", textcoords="offset points",
-                    xytext=(4, 4))
+        ax.errorbar([r["trainable_params"]], [r["mean"]], yerr=[[r["mean"] - lo], [hi - r["mean"]]], capsize=3,
+                    fmt=markers[i % len(markers)], color=colours[i % len(colours)], label=r["method"])
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel=f"test {rows[0]['metric']} (%), mean and 95% interval",
            title=f"Tuned methods{f' on {task}' if task else ''}")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = output / (f"metric_vs_params_{task}.png" if task else "metric_vs_params.png")
     fig.savefig(path, dpi=120)
