@@ -388,7 +388,8 @@ def write_report(summary: dict[str, Any], output: Path) -> Path:
                   "", "| method | chosen (on val) | test mean ± std | 95% interval | per seed | trainable params | "
                   "train s | vs best (paired) | distinguishable from best | collapsed | runs finished |",
                   "| --- " * 11 + "|"]
-        for r in sorted(rows, key=lambda r: -(r["mean"] if r["mean"] is not None else -math.inf)):
+        ranked = sorted(rows, key=lambda r: -(r["mean"] if r["mean"] is not None else -math.inf))  # table and legend
+        for r in ranked:
             ci = f"[{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]" if r["ci95"] else "-"
             paired = "best" if r.get("best") else (
                 f"{_fmt(r.get('paired_diff'))}" + (f" [{_fmt(r['paired_ci95'][0])}, {_fmt(r['paired_ci95'][1])}]"
@@ -404,7 +405,7 @@ def write_report(summary: dict[str, Any], output: Path) -> Path:
                          f"{paired} | {dist} | {collapsed} | {r['finished']} |" if r["trainable_params"] else
                          f"| {r['method']} | {point_name(r['chosen']) if r['chosen'] else '-'} | - | - | - | - | - | - | - | "
                          f"{collapsed} | {r['finished']} |")
-        plot = _plot(rows, output, task if len(summary) > 1 else None)
+        plot = _plot(ranked, output, task if len(summary) > 1 else None)
         if plot is not None:
             lines += ["", f"![{plot.stem}]({plot.name})", ""]
     (output / "report.json").write_text(json.dumps({"summary": data, "runs": summary}, indent=1, default=str) + "\n")
@@ -413,7 +414,8 @@ def write_report(summary: dict[str, Any], output: Path) -> Path:
 
 
 def _plot(rows: list[dict[str, Any]], output: Path, task: str | None) -> Path | None:
-    """Test metric against trainable parameters (log scale), each method's mean with its 95% interval."""
+    """Test metric against trainable parameters (log scale), each method's mean with its 95% interval; the legend
+    lists ``rows`` in their order (the report's: best mean first)."""
     rows = [r for r in rows if r["mean"] is not None]
     if not rows:
         return None
@@ -426,7 +428,7 @@ def _plot(rows: list[dict[str, Any]], output: Path, task: str | None) -> Path | 
     # a legend, not labels at the points: methods with close parameter counts (LoRA / DoRA) overprint each other;
     # colour and marker both vary so that no two of up to 20 methods look alike
     colours, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"
-    for i, r in enumerate(sorted(rows, key=lambda r: -r["mean"])):
+    for i, r in enumerate(rows):
         lo, hi = r["ci95"] or (r["mean"], r["mean"])
         ax.errorbar([r["trainable_params"]], [r["mean"]], yerr=[[r["mean"] - lo], [hi - r["mean"]]], capsize=3,
                     fmt=markers[i % len(markers)], color=colours[i % len(colours)], label=r["method"])
