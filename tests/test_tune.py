@@ -162,6 +162,58 @@ def test_a_trial_another_live_worker_holds_is_left_to_it(tmp_path):
     assert not (run / "metrics.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage", "ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_worker_takes_a_dead_workers_trial_and_moves_on_from_a_live_ones(tmp_path, monkeypatch):
+    # a tune started again after a kill: linear's two search trials are RUNNING in the study, one of a worker still
+    # alive (its heartbeat beats), one of a dead worker. This worker trains the dead one's point (Optuna queued it
+    # again) and bitfit meanwhile, rather than wait on linear; once the live holder dies too, it finishes the tune.
+    import threading
+
+    import optuna
+
+    import mslora.tools.tune as t
+
+    monkeypatch.setattr(t, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(t, "GRACE_S", 2)
+    data = colour_folder(tmp_path / "data", ("red", "green"), 6)
+    grid = {"lr": [0.01, 0.03]}
+    job = t.Tune([*TINY, "--data", str(data), "--epochs", "1"], ["linear", "bitfit"], grid, {}, [0], tmp_path / "t")
+    job.out.mkdir(parents=True)
+    storage = optuna.storages.RDBStorage(job.storage, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="data/linear/search", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.GridSampler(grid, seed=0))
+    live, dead = study.ask(), study.ask()  # RUNNING, as the killed tune's workers left them
+    lrs = [trial.suggest_categorical("lr", grid["lr"]) for trial in (live, dead)]
+    storage.record_heartbeat(dead._trial_id)  # its last beat: stale after the grace period
+    alive = threading.Event()
+    alive.set()
+
+    def beat():
+        while alive.is_set():
+            storage.record_heartbeat(live._trial_id)
+            time.sleep(0.2)
+
+    threading.Thread(target=beat, daemon=True).start()
+    worker = threading.Thread(target=job.run, daemon=True)
+    worker.start()
+
+    def done(method, lr, stage="search"):
+        return job.result("data", method, {"lr": lr}, 0, stage) is not None
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done("linear", lrs[1]) and all(done("bitfit", lr) for lr in lrs)):
+        time.sleep(0.1)
+    assert done("linear", lrs[1]), "the dead worker's trial was not taken"
+    assert all(done("bitfit", lr) for lr in lrs), "the worker waited on linear instead of moving on"
+    assert not done("linear", lrs[0]) and worker.is_alive()  # left to its live holder
+    alive.clear()  # the holder dies: after the grace period its trial is this worker's
+    worker.join(120)
+    assert not worker.is_alive()
+    assert all(done("linear", lr) for lr in lrs) and (job.out / "report.md").is_file()
+    runs = list((job.out / "trials").glob("data/*/search/*/seed0/*/metrics.json"))
+    assert len(runs) == 4  # each point trained once
+
+
 def test_a_dense_task_tunes_on_its_own_metric(tmp_path):
     """`mslora tune --task segment`: the choice is made on validation mIoU, the report's numbers are test mIoU in %."""
     from mslora.data.scenes import write_scenes

@@ -19,7 +19,9 @@ which Optuna's RDB storage does with a heartbeat; Ray would add a cluster runtim
 Each trial is a run directory ``OUTPUT/trials/TASK/METHOD/STAGE/POINT/seedS/<run>``: a tune that is killed and
 started again reads finished trials (``metrics.json``) instead of training them, resumes a trial killed mid-way from
 its checkpoint (:func:`mslora.engine.loop.resume`), and hands the trials of a dead worker out again once its
-heartbeat is older than the grace period.
+heartbeat is older than the grace period. A worker whose method has only trials that live workers hold goes on to
+the next method's trials instead of waiting (with one seed left to run, a final stage would otherwise keep all but
+one worker idle).
 
 ``report.md`` / ``report.json``: per task and method the chosen point, the test metric's mean, sample std and 95%
 interval over the seeds (Student's t with n - 1 degrees of freedom), trainable parameters, training seconds, and a
@@ -209,9 +211,11 @@ class Tune:
                 best = (key, p)
         return None if best is None else best[1]
 
-    def _stage(self, task: str, method: str, stage: str, grid: dict[str, list], run) -> None:
-        """Run every point of ``grid`` as trials of one Optuna study (GridSampler) until each has finished, here or
-        on another worker; a dead worker's trials are handed out again after the heartbeat's grace period."""
+    def _stage(self, task: str, method: str, stage: str, grid: dict[str, list], run) -> bool:
+        """Run the points of ``grid`` as trials of one Optuna study (GridSampler) that no live worker holds; True once
+        every point has finished (here or on another worker), False when the points left are all held by live
+        workers (the caller moves on to other work instead of waiting). A dead worker's trials are handed out again
+        after the heartbeat's grace period."""
         import warnings
 
         import optuna
@@ -241,20 +245,20 @@ class Tune:
         while True:
             todo = [p for p in points(grid) if self.result_of(task, method, stage, p) is None]
             if not todo:
-                return
+                return True
             optuna.storages.fail_stale_trials(study)  # a dead worker's trials: failed, and queued again (retry)
             trials = study.get_trials(deepcopy=False)
-            live = {key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials  # queued: fixed_params
-                    if not t.state.is_finished()}
-            left = [p for p in todo if key(p) not in live]
-            if not left and any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
-                time.sleep(HEARTBEAT_S)  # live workers hold every point left
-                continue
+            state = optuna.trial.TrialState
+            held = {key(t.params) for t in trials if t.state == state.RUNNING}
+            left = [p for p in todo if key(p) not in held]
+            if not left:
+                return False  # live workers hold every point left
+            queued = {key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.state == state.WAITING}
             tried = {key(t.params) for t in trials if t.state.is_finished()}
-            for p in left:  # points Optuna counts as done that have no finished run (e.g. the run was deleted)
-                if key(p) in tried:
+            for p in left:  # points Optuna counts as done that have no finished run (a failed trial, a deleted run)
+                if key(p) in tried and key(p) not in queued:
                     study.enqueue_trial(p)
-            study.optimize(objective, n_trials=max(len(left), 1))
+            study.optimize(objective, n_trials=1)  # a queued trial first (Optuna's rule), else the grid's next point
 
     def result_of(self, task: str, method: str, stage: str, p: dict[str, Any]) -> dict[str, Any] | None:
         """The finished trial of a point of stage ``stage``: a grid point (search) or ``{"seed": s}`` (final)."""
@@ -262,20 +266,30 @@ class Tune:
             return self.result(task, method, self.choose(task, method), p["seed"], "final")
         return self.result(task, method, p, self.seeds[0], "search")
 
+    def _advance(self, task: str, method: str) -> bool:
+        """One method's search, then its final runs, as far as this worker can take them; True once both are done
+        (or every grid point collapsed), False while other live workers hold trials that are left."""
+        if not self._stage(task, method, "search", self.grids[method],
+                           lambda p: self.run_trial(task, method, p, self.seeds[0], "search")):
+            return False
+        best = self.choose(task, method)
+        if best is None:
+            log.warning("WARNING: every grid point of %s on %s collapsed; no final runs", method, task)
+            return True
+        return self._stage(task, method, "final", {"seed": self.seeds},
+                           lambda p: self.run_trial(task, method, best, p["seed"], "final"))
+
     def run(self) -> Path:
-        """Search, final runs and the report for every task and method; returns ``report.md``'s path."""
+        """Search, final runs and the report for every task and method; returns ``report.md``'s path. A worker
+        whose method has only trials other workers hold (a final stage of one seed left, say) goes on to the next
+        method's trials rather than wait, and comes back to it on its next pass."""
         self.out.mkdir(parents=True, exist_ok=True)
-        for task in self.tasks:
-            for method in self.methods:
-                grid = self.grids[method]
-                self._stage(task, method, "search", grid,
-                            lambda p, t=task, m=method: self.run_trial(t, m, p, self.seeds[0], "search"))
-                best = self.choose(task, method)
-                if best is None:
-                    log.warning("WARNING: every grid point of %s on %s collapsed; no final runs", method, task)
-                    continue
-                self._stage(task, method, "final", {"seed": self.seeds},
-                            lambda p, t=task, m=method, b=best: self.run_trial(t, m, b, p["seed"], "final"))
+        pending = [(task, method) for task in self.tasks for method in self.methods]
+        while pending:
+            start = time.monotonic()
+            pending = [(task, method) for task, method in pending if not self._advance(task, method)]
+            if pending and time.monotonic() - start < HEARTBEAT_S:
+                time.sleep(HEARTBEAT_S)  # a short pass (nothing trained): every trial left is another worker's
         return write_report(self.summary(), self.out)
 
     def summary(self) -> dict[str, Any]:
