@@ -12,8 +12,8 @@ digits written as an ImageFolder (:func:`classification.make_digits`; ``random1k
 over lr 1e-3, 3e-3, 1e-2, 3e-2 x weight decay 0, 0.05 chosen on validation (seed 0), then seeds 0, 1, 2.
 Dense (the offline scene set, each task's default recipe: Mask R-CNN or UPerNet + FCN over a frozen Lite0, see
 ``mslora.engine.config.TASK_DEFAULTS``): fixed, full, lora and mslora over lr 3e-4, 1e-3 (weight decay at its
-default 0.05), then seeds 0, 1: the smallest grid the issue allows, as about 15 minutes per run on 2 CPU cores
-leaves no room for more.
+default 0.05), then seeds 0, 1: the smallest grid the issue allows, as a detection run takes 20-25 minutes with
+two at once on 2 CPU cores (one thread each), some 3 hours per task, which leaves no room for more.
 The trials live in ``benchmarks/results/tune/DATASET/`` (git-ignored but for the report); the command run again
 resumes where it stopped. Writes ``report.md``, ``report.json`` and ``metric_vs_params.png`` there.
 """
