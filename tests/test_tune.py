@@ -214,6 +214,34 @@ def test_a_worker_takes_a_dead_workers_trial_and_moves_on_from_a_live_ones(tmp_p
     assert len(runs) == 4  # each point trained once
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_worker_judged_dead_while_paused_keeps_its_run_and_goes_on(tmp_path):
+    # a worker paused past the grace period (SIGSTOP, a preempted node) is judged dead by another, which fails its
+    # trial; once it wakes and finishes the run, Optuna refuses to record the result: the tune goes on regardless
+    import optuna
+
+    import mslora.tools.tune as t
+
+    data = colour_folder(tmp_path / "data", ("red", "green"), 6)
+    job = t.Tune([*TINY, "--data", str(data), "--epochs", "1"], ["linear"], {"lr": [0.01, 0.03]}, {}, [0],
+                 tmp_path / "t")
+    train = job.run_trial
+
+    def judged_dead_meanwhile(*args):
+        r = train(*args)
+        storage = optuna.storages.RDBStorage(job.storage)
+        study = optuna.load_study(study_name="data/linear/search", storage=storage)
+        for trial in study.get_trials(states=[optuna.trial.TrialState.RUNNING]):
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        return r
+
+    job.run_trial = judged_dead_meanwhile
+    report = job.run()
+    assert report.is_file()
+    runs = list((job.out / "trials").glob("data/linear/search/*/seed0/*/metrics.json"))
+    assert len(runs) == 2  # each point trained once, neither lost
+
+
 def test_a_dense_task_tunes_on_its_own_metric(tmp_path):
     """`mslora tune --task segment`: the choice is made on validation mIoU, the report's numbers are test mIoU in %."""
     from mslora.data.scenes import write_scenes

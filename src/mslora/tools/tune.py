@@ -258,7 +258,13 @@ class Tune:
             for p in left:  # points Optuna counts as done that have no finished run (a failed trial, a deleted run)
                 if key(p) in tried and key(p) not in queued:
                     study.enqueue_trial(p)
-            study.optimize(objective, n_trials=1)  # a queued trial first (Optuna's rule), else the grid's next point
+            try:
+                study.optimize(objective, n_trials=1)  # a queued trial first (Optuna's rule), else the grid's next point
+            except ValueError as e:  # Optuna raises a bare ValueError when a trial it ran is no longer RUNNING:
+                if "Cannot tell" not in str(e):  # another worker failed it as stale while this one was paused past
+                    raise  # the grace period; the run itself finished (metrics.json), which is what counts here
+                log.warning("WARNING: %s/%s/%s: %s (a worker judged this one dead while it was paused); its run is "
+                            "kept", task, method, stage, e)
 
     def result_of(self, task: str, method: str, stage: str, p: dict[str, Any]) -> dict[str, Any] | None:
         """The finished trial of a point of stage ``stage``: a grid point (search) or ``{"seed": s}`` (final)."""
