@@ -242,6 +242,38 @@ def test_a_worker_judged_dead_while_paused_keeps_its_run_and_goes_on(tmp_path):
     assert len(runs) == 2  # each point trained once, neither lost
 
 
+def test_local_workers_start_on_a_storage_that_exists(tmp_path, monkeypatch):
+    # N workers that each create a fresh SQLite storage at the same moment race in its schema's set-up (one dies on
+    # alembic_version's UNIQUE constraint): the parent creates it before it starts them
+    import sqlite3
+
+    import mslora.tools.tune as t
+
+    seen = []
+
+    class Worker:  # records what the storage holds when a worker would start
+        exitcode = 0
+
+        def __init__(self, target, args):
+            pass
+
+        def start(self):
+            with sqlite3.connect(tmp_path / "t" / "optuna.db") as db:
+                seen.append(db.execute("select count(*) from alembic_version").fetchone()[0])
+
+        def join(self):
+            pass
+
+    class Context:
+        Process = Worker
+
+    monkeypatch.setattr(t.multiprocessing, "get_context", lambda method: Context)
+    data = colour_folder(tmp_path / "data", ("red", "green"), 6)
+    t.tune(workers=2, train_argv=[*TINY, "--data", str(data), "--epochs", "1"], methods=["linear"],
+           grid={"lr": [0.01]}, method_grid={}, seeds=[0], output=str(tmp_path / "t"))
+    assert seen == [1, 1]
+
+
 def test_a_dense_task_tunes_on_its_own_metric(tmp_path):
     """`mslora tune --task segment`: the choice is made on validation mIoU, the report's numbers are test mIoU in %."""
     from mslora.data.scenes import write_scenes

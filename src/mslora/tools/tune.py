@@ -489,7 +489,10 @@ def tune(workers: int = 1, report_only: bool = False, **kwargs) -> Path:
     if workers <= 1:
         return job.run()
     job.out.mkdir(parents=True, exist_ok=True)
-    ctx = multiprocessing.get_context("spawn")
+    import optuna
+
+    optuna.storages.RDBStorage(job.storage)  # the schema, once: workers that create it at the same moment race
+    ctx = multiprocessing.get_context("spawn")  # (alembic_version's UNIQUE constraint ends all but one of them)
     threads = max(1, (os.cpu_count() or 1) // workers)
     procs = [ctx.Process(target=_worker, args=(kwargs, threads)) for _ in range(workers)]
     for p in procs:
