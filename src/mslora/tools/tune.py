@@ -31,6 +31,7 @@ interval overlaps the best one's is marked as not distinguishable from it. Colla
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -211,21 +212,28 @@ class Tune:
                 best = (key, p)
         return None if best is None else best[1]
 
-    def _stage(self, task: str, method: str, stage: str, grid: dict[str, list], run) -> bool:
-        """Run the points of ``grid`` as trials of one Optuna study (GridSampler) that no live worker holds; True once
-        every point has finished (here or on another worker), False when the points left are all held by live
-        workers (the caller moves on to other work instead of waiting). A dead worker's trials are handed out again
-        after the heartbeat's grace period."""
+    @functools.cached_property
+    def rdb(self):
+        """The Optuna storage at ``self.storage`` (its schema created on first use), with the heartbeat that notices
+        dead workers and re-queues their trials; made once per worker, not at every stage of every pass."""
         import warnings
 
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # mslora's own log names each trial
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retries
-        storage = optuna.storages.RDBStorage(
+        return optuna.storages.RDBStorage(
             self.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None))
-        study = optuna.create_study(study_name=f"{task}/{method}/{stage}", storage=storage, load_if_exists=True,
+
+    def _stage(self, task: str, method: str, stage: str, grid: dict[str, list], run) -> bool:
+        """Run the points of ``grid`` as trials of one Optuna study (GridSampler) that no live worker holds; True once
+        every point has finished (here or on another worker), False when the points left are all held by live
+        workers (the caller moves on to other work instead of waiting). A dead worker's trials are handed out again
+        after the heartbeat's grace period."""
+        import optuna
+
+        study = optuna.create_study(study_name=f"{task}/{method}/{stage}", storage=self.rdb, load_if_exists=True,
                                     sampler=optuna.samplers.GridSampler(grid, seed=0), direction="maximize")
 
         def objective(trial) -> float:
@@ -253,13 +261,14 @@ class Tune:
             left = [p for p in todo if key(p) not in held]
             if not left:
                 return False  # live workers hold every point left
-            queued = {key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.state == state.WAITING}
+            queued = {key(t.params or t.system_attrs.get("fixed_params", {}))  # enqueued: fixed_params
+                      for t in trials if t.state == state.WAITING}
             tried = {key(t.params) for t in trials if t.state.is_finished()}
             for p in left:  # points Optuna counts as done that have no finished run (a failed trial, a deleted run)
                 if key(p) in tried and key(p) not in queued:
                     study.enqueue_trial(p)
             try:
-                study.optimize(objective, n_trials=1)  # a queued trial first (Optuna's rule), else the grid's next point
+                study.optimize(objective, n_trials=1)  # a queued trial first (Optuna's rule), else the grid's next
             except ValueError as e:  # Optuna raises a bare ValueError when a trial it ran is no longer RUNNING:
                 if "Cannot tell" not in str(e):  # another worker failed it as stale while this one was paused past
                     raise  # the grace period; the run itself finished (metrics.json), which is what counts here
@@ -295,7 +304,7 @@ class Tune:
             start = time.monotonic()
             pending = [(task, method) for task, method in pending if not self._advance(task, method)]
             if pending and time.monotonic() - start < HEARTBEAT_S:
-                time.sleep(HEARTBEAT_S)  # a short pass (nothing trained): every trial left is another worker's
+                time.sleep(HEARTBEAT_S)  # a pass shorter than a heartbeat: what is left is other workers' trials
         return write_report(self.summary(), self.out)
 
     def summary(self) -> dict[str, Any]:
@@ -489,10 +498,8 @@ def tune(workers: int = 1, report_only: bool = False, **kwargs) -> Path:
     if workers <= 1:
         return job.run()
     job.out.mkdir(parents=True, exist_ok=True)
-    import optuna
-
-    optuna.storages.RDBStorage(job.storage)  # the schema, once: workers that create it at the same moment race
-    ctx = multiprocessing.get_context("spawn")  # (alembic_version's UNIQUE constraint ends all but one of them)
+    _ = job.rdb  # creates the schema, once: workers that create it at the same moment race (alembic_version's UNIQUE
+    ctx = multiprocessing.get_context("spawn")  # constraint ends all but one of them)
     threads = max(1, (os.cpu_count() or 1) // workers)
     procs = [ctx.Process(target=_worker, args=(kwargs, threads)) for _ in range(workers)]
     for p in procs:
