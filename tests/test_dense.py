@@ -255,6 +255,8 @@ def test_paper_configs_load(path):
     assert cfg.lr in (2e-4, 1e-4, 1.2e-4) and cfg.weight_decay in (0.05, 0.1)
     if cfg.task == "detect":
         assert cfg.anchor_scale == 8 and cfg.head_channels == 256
+    else:  # mmseg's 160k-iteration schedules, with mmseg's classifier init
+        assert cfg.head_channels == 512 and cfg.conv_seg_init == "mmseg"
 
 
 def _coco(root, splits=("train", "val", "test"), n=2, semantic=False):
@@ -389,7 +391,8 @@ def test_seg_classifiers_are_mmseg_cls_seg_dropout_then_normal_conv_seg():
     from mslora.tasks.segment import UPerNet
 
     torch.manual_seed(0)
-    model = UPerNet(timm.create_model("test_resnet", num_classes=0), num_classes=5, channels=512)
+    model = UPerNet(timm.create_model("test_resnet", num_classes=0), num_classes=5, channels=512,
+                    conv_seg_init="mmseg")
     for head in (model.decode_head, model.auxiliary_head):
         drop, conv_seg = head.classifier  # mmseg BaseDecodeHead.cls_seg: dropout, then conv_seg
         assert isinstance(drop, torch.nn.Dropout2d) and drop.p == 0.1
@@ -400,6 +403,16 @@ def test_seg_classifiers_are_mmseg_cls_seg_dropout_then_normal_conv_seg():
     assert (head[0](feats).flatten(2).amax(2) == 0).sum() > 20  # whole channels dropped in training (~51 of 512)
     head.eval()
     torch.testing.assert_close(head(feats), head[1](feats))  # and none at evaluation
+    # conv_seg_init="pytorch" (the training default) keeps torch's Conv2d init: kaiming-uniform(a=sqrt(5)), i.e.
+    # U(+-1/sqrt(C)) for the weight and the bias alike
+    model = UPerNet(timm.create_model("test_resnet", num_classes=0), num_classes=5, channels=512,
+                    conv_seg_init="pytorch")
+    for head, c in ((model.decode_head, 512), (model.auxiliary_head, 256)):
+        conv_seg = head.classifier[1]
+        assert abs(conv_seg.weight.std().item() - (3 * c) ** -0.5) < 0.1 * (3 * c) ** -0.5
+        assert conv_seg.weight.abs().max() <= c ** -0.5 and 0 < conv_seg.bias.abs().max() <= c ** -0.5
+    with pytest.raises(ValueError, match="'xavier'"):
+        UPerNet(timm.create_model("test_resnet", num_classes=0), num_classes=5, conv_seg_init="xavier")
 
 
 @pytest.mark.parametrize("avg_non_ignore", [False, True])

@@ -26,6 +26,7 @@ from mslora.registry import fits, get_method
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
 HEAD_INITS = ("zero", "timm")
+CONV_SEG_INITS = ("pytorch", "mmseg")
 
 # The main job's options for its method (README 'Main job'): EfficientNet-Lite0 has 3.37M parameters; MSLoRA at
 # the paper's rank 128 would add 18.5% of them, rank 32 adds 3.2%, inside the paper's "under about 5%".
@@ -83,6 +84,10 @@ class TrainConfig:
     avg_non_ignore: bool = option(False, "segment task: average the cross-entropy over the labelled pixels only "
                                   "(mmseg's CrossEntropyLoss(avg_non_ignore=True)); False, mmseg's default: over "
                                   "all pixels, the ignored ones counted in the denominator")
+    conv_seg_init: str = option("pytorch", "segment task: init of the 1x1 classifiers (conv_seg): 'mmseg' draws "
+                                "N(0, 0.01), bias 0 (mmseg's init_cfg, for its 80k-160k-iteration schedules); "
+                                "'pytorch' keeps torch's Conv2d init, the default as mmseg's stays at background "
+                                "only in short runs at a high lr (README 'Dense tasks')")
     head_channels: int | None = option(None, "detect / segment: width of the neck and heads, FPN or UPerNet "
                                        "channels")
     output: str = option("runs", "parent directory of run directories")
@@ -129,6 +134,8 @@ class TrainConfig:
             (self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}"),
             (self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}"),
             (self.head_init in HEAD_INITS, "head_init", self.head_init, f"one of {', '.join(HEAD_INITS)}"),
+            (self.conv_seg_init in CONV_SEG_INITS, "conv_seg_init", self.conv_seg_init,
+             f"one of {', '.join(CONV_SEG_INITS)}"),
             (self.workers is None or self.workers >= 0, "workers", self.workers, "an integer >= 0"),
             (self.ckpt_every >= 0, "ckpt_every", self.ckpt_every, "an integer >= 0"),
         ]

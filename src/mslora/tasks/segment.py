@@ -35,14 +35,29 @@ def _cbr(cin: int, cout: int, k: int) -> nn.Sequential:
 
 
 class ClsSeg(nn.Sequential):
-    """mmseg ``BaseDecodeHead.cls_seg``: ``Dropout2d(dropout_ratio)`` then the 1x1 ``conv_seg``, its weight drawn
-    from N(0, 0.01) and its bias 0 (``init_cfg=dict(type='Normal', std=0.01, override=dict(name='conv_seg'))``).
-    (B, C, H, W) -> (B, num_classes, H, W)."""
+    """mmseg ``BaseDecodeHead.cls_seg``: ``Dropout2d(dropout_ratio)`` then the 1x1 ``conv_seg``. (B, C, H, W) ->
+    (B, num_classes, H, W).
 
-    def __init__(self, channels: int, num_classes: int, dropout_ratio: float = 0.1) -> None:
+    ``init="mmseg"`` draws conv_seg's weight from N(0, 0.01) and zeroes its bias (mmseg's
+    ``init_cfg=dict(type='Normal', std=0.01, override=dict(name='conv_seg'))``); ``init="pytorch"`` keeps torch's
+    ``Conv2d`` init (kaiming-uniform with a = sqrt(5), bias U(+-1/sqrt(C))). mmseg's init is made for its schedules
+    (AdamW at 6e-5 to 1.2e-4 for 80k-160k iterations): at our scene recipe (450 AdamW steps at 1e-3, 91% of the
+    pixels background) the first steps move every class's weights along the mean of the non-negative (post-ReLU)
+    features, faster than its 0.01 noise can keep them apart; the classifier's weight matrix becomes rank one
+    (background against the rest) and the run predicts background only. torch's init (std 1/sqrt(3C), 0.072 at
+    C = 64) keeps them apart long enough (README 'Dense tasks' has the measurements).
+
+    Raises:
+        ValueError: ``init`` is neither "mmseg" nor "pytorch".
+    """
+
+    def __init__(self, channels: int, num_classes: int, dropout_ratio: float = 0.1, init: str = "mmseg") -> None:
         super().__init__(nn.Dropout2d(dropout_ratio), nn.Conv2d(channels, num_classes, 1))
-        nn.init.normal_(self[1].weight, 0.0, 0.01)
-        nn.init.zeros_(self[1].bias)
+        if init == "mmseg":
+            nn.init.normal_(self[1].weight, 0.0, 0.01)
+            nn.init.zeros_(self[1].bias)
+        elif init != "pytorch":
+            raise ValueError(f"conv_seg init {init!r}: expected 'mmseg' or 'pytorch'")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 255,
@@ -60,7 +75,7 @@ class UPerHead(nn.Module):
     """UPerNet decoder: maps (B, C_i, H_i, W_i), finest first -> logits (B, num_classes, H_0, W_0)."""
 
     def __init__(self, in_channels: list[int], num_classes: int, channels: int = 512,
-                 pool_scales: tuple[int, ...] = (1, 2, 3, 6)) -> None:
+                 pool_scales: tuple[int, ...] = (1, 2, 3, 6), init: str = "mmseg") -> None:
         super().__init__()
         self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), _cbr(in_channels[-1], channels, 1))
                                  for s in pool_scales)
@@ -68,7 +83,7 @@ class UPerHead(nn.Module):
         self.laterals = nn.ModuleList(_cbr(c, channels, 1) for c in in_channels[:-1])
         self.fpn_convs = nn.ModuleList(_cbr(channels, channels, 3) for _ in in_channels[:-1])
         self.fuse = _cbr(len(in_channels) * channels, channels, 3)
-        self.classifier = ClsSeg(channels, num_classes)
+        self.classifier = ClsSeg(channels, num_classes, init=init)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         top = maps[-1]
@@ -85,11 +100,11 @@ class UPerHead(nn.Module):
 
 class FCNHead(nn.Module):
     """Auxiliary FCN head (mmseg ``FCNHead``, num_convs=1, concat_input=False): a 3x3 conv-BN-ReLU and
-    :class:`ClsSeg`. (B, C, H, W) -> (B, num_classes, H, W)."""
+    :class:`ClsSeg` (``init`` as there). (B, C, H, W) -> (B, num_classes, H, W)."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 256) -> None:
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, init: str = "mmseg") -> None:
         super().__init__()
-        self.conv, self.classifier = _cbr(in_channels, channels, 3), ClsSeg(channels, num_classes)
+        self.conv, self.classifier = _cbr(in_channels, channels, 3), ClsSeg(channels, num_classes, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.conv(x))
@@ -101,21 +116,23 @@ class UPerNet(nn.Module):
     ``forward(images)`` returns logits (B, num_classes, H, W) at the image size; in train mode with ``targets``
     (B, H, W) class indices (``ignore_index`` ignored) it returns the loss dict ``{"loss_seg", "loss_aux"}``
     (:func:`cross_entropy`, averaged per ``avg_non_ignore``; the auxiliary one weighted by ``aux_weight``).
+    ``conv_seg_init``: both classifiers' init (:class:`ClsSeg`).
 
     Raises:
-        ValueError: fewer than two feature maps (a plain ViT gets four from the simple feature pyramid).
+        ValueError: fewer than two feature maps (a plain ViT gets four from the simple feature pyramid), or an
+            unknown ``conv_seg_init``.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, channels: int = 512, aux_weight: float = 0.4,
-                 ignore_index: int = 255, avg_non_ignore: bool = False) -> None:
+                 ignore_index: int = 255, avg_non_ignore: bool = False, conv_seg_init: str = "mmseg") -> None:
         super().__init__()
         self.backbone = Features(model)
         chans = self.backbone.channels
         if len(chans) < 2:
             raise ValueError(f"UPerNet needs two or more feature maps; the backbone gives {len(chans)}")
-        self.decode_head = UPerHead(chans, num_classes, channels)
+        self.decode_head = UPerHead(chans, num_classes, channels, init=conv_seg_init)
         self.aux = len(chans) - 2 if len(chans) < 4 else 2  # the third map (stride 16 on 4-stage backbones)
-        self.auxiliary_head = FCNHead(chans[self.aux], num_classes, channels // 2)
+        self.auxiliary_head = FCNHead(chans[self.aux], num_classes, channels // 2, init=conv_seg_init)
         self.aux_weight, self.ignore_index, self.avg_non_ignore = aux_weight, ignore_index, avg_non_ignore
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
@@ -172,7 +189,7 @@ class Segmentation(DenseTask):
     def wrap(self, backbone: nn.Module) -> nn.Module:
         """UPerNet around the adapted backbone."""
         return UPerNet(backbone, self.num_classes, channels=self.cfg.head_channels,
-                       avg_non_ignore=self.cfg.avg_non_ignore)
+                       avg_non_ignore=self.cfg.avg_non_ignore, conv_seg_init=self.cfg.conv_seg_init)
 
     def set_transforms(self, model: nn.Module) -> None:
         """mmseg's training pipeline (random scale 0.5-2, crop, flip) and a resize for evaluation, with the
