@@ -6,8 +6,9 @@ mmsegmentation's ``UPerHead`` builds it: a pyramid pooling module (scales 1, 2, 
 (1x1 laterals, top-down sums, 3x3 output convs) over the stages, all levels upsampled to the finest, concatenated
 and fused by a 3x3 conv, then a 1x1 classifier; conv-BN-ReLU everywhere. The auxiliary FCN head reads the third
 map (stride 16) and its loss weighs 0.4 (CoLoRA supp. Sec. F; mmseg's ADE20K configs). Both classifiers are
-mmseg's ``BaseDecodeHead.cls_seg``: ``Dropout2d(0.1)`` then the 1x1 ``conv_seg`` initialised N(0, 0.01), bias 0
-(its ``init_cfg``). The cross-entropy is averaged as mmseg's ``CrossEntropyLoss`` does by default
+mmseg's ``BaseDecodeHead.cls_seg``: ``Dropout2d(0.1)`` then the 1x1 ``conv_seg``, initialised N(0, 0.01), bias 0
+(its ``init_cfg``) with ``conv_seg_init="mmseg"``, or as torch initialises a ``Conv2d`` (the training default; see
+:class:`ClsSeg` for why). The cross-entropy is averaged as mmseg's ``CrossEntropyLoss`` does by default
 (``avg_non_ignore=False``: the ignored pixels count in the denominator, contributing 0), or over the labelled
 pixels only with ``avg_non_ignore=True`` (PyTorch's own mean). Written here rather than
 taken from segmentation_models_pytorch, whose UPerNet decoder expects that library's own encoders' feature list
