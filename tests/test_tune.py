@@ -274,6 +274,44 @@ def test_local_workers_start_on_a_storage_that_exists(tmp_path, monkeypatch):
     assert seen == [1, 1]
 
 
+def _open_storage(url, start, results):
+    from mslora.tools.tune import Tune
+
+    job = Tune.__new__(Tune)  # only what opening the storage needs
+    job.storage = url
+    while time.time() < start:  # all at the same moment
+        pass
+    try:
+        import optuna
+
+        optuna.create_study(study_name="s", storage=job.rdb, load_if_exists=True)
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which asserts on it
+        results.put(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def test_workers_on_several_machines_meeting_a_fresh_database_all_open_it(tmp_path):
+    # workers that each open a fresh database at the same moment (several machines on one --storage URL, where no
+    # parent can create it first) race in Optuna's schema set-up; before the retry, 10 of 20 such openings failed
+    # ("table ... already exists", alembic_version's UNIQUE constraint). Real processes, a real race.
+    import multiprocessing
+
+    import mslora.tools.tune  # noqa: F401 - imported before forking, so the workers start at once
+
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for round_ in range(3):
+        results, start = ctx.Queue(), time.time() + 1.0
+        procs = [ctx.Process(target=_open_storage, args=(f"sqlite:///{tmp_path / f'{round_}.db'}", start, results))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes += [results.get(timeout=5) for _ in procs]
+    assert outcomes == ["ok"] * 12
+
+
 def test_a_dense_task_tunes_on_its_own_metric(tmp_path):
     """`mslora tune --task segment`: the choice is made on validation mIoU, the report's numbers are test mIoU in %."""
     from mslora.data.scenes import write_scenes

@@ -52,6 +52,7 @@ from mslora.tools.sweep import task_folders
 log = logging.getLogger("mslora")
 HEARTBEAT_S = 30  # Optuna's heartbeat; a RUNNING trial silent for GRACE_S is a dead worker's, handed out again
 GRACE_S = 90  # (so a tune started again right after a kill picks the killed trial up after at most this long)
+SCHEMA_TRIES = 5  # attempts at opening the storage while other workers create its schema
 
 
 def parse_grid(items: list[str], prefix_method: bool = False) -> dict:
@@ -220,11 +221,22 @@ class Tune:
 
         import optuna
 
+        import sqlalchemy
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # mslora's own log names each trial
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retries
-        return optuna.storages.RDBStorage(
-            self.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None))
+        for attempt in range(SCHEMA_TRIES):
+            try:
+                return optuna.storages.RDBStorage(
+                    self.storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None))
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+                # workers (on several machines) that meet a fresh database at the same moment race in Optuna's
+                # schema set-up ("table ... already exists", alembic_version's UNIQUE constraint): the schema is
+                # there once the winner is done, so try again (a database that is down keeps failing: raised)
+                if attempt == SCHEMA_TRIES - 1:
+                    raise
+                time.sleep(1 + attempt)
 
     def _stage(self, task: str, method: str, stage: str, grid: dict[str, list], run) -> bool:
         """Run the points of ``grid`` as trials of one Optuna study (GridSampler) that no live worker holds; True once
@@ -498,8 +510,8 @@ def tune(workers: int = 1, report_only: bool = False, **kwargs) -> Path:
     if workers <= 1:
         return job.run()
     job.out.mkdir(parents=True, exist_ok=True)
-    _ = job.rdb  # creates the schema, once: workers that create it at the same moment race (alembic_version's UNIQUE
-    ctx = multiprocessing.get_context("spawn")  # constraint ends all but one of them)
+    _ = job.rdb  # creates the schema before the workers start (they would otherwise race in it and retry)
+    ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
     procs = [ctx.Process(target=_worker, args=(kwargs, threads)) for _ in range(workers)]
     for p in procs:
