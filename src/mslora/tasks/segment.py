@@ -27,6 +27,7 @@ from tqdm import tqdm
 from mslora.backbones import Features
 from mslora.data.dense import DenseData, load_dense, segmentation_collate
 from mslora.data.transforms import segmentation_transform
+from mslora.engine.config import CONV_SEG_INITS
 from mslora.registry import register_task
 from mslora.tasks.base import DenseTask
 
@@ -49,16 +50,16 @@ class ClsSeg(nn.Sequential):
     C = 64) keeps them apart long enough (README 'Dense tasks' has the measurements).
 
     Raises:
-        ValueError: ``init`` is neither "mmseg" nor "pytorch".
+        ValueError: ``init`` is not one of :data:`mslora.engine.config.CONV_SEG_INITS`.
     """
 
     def __init__(self, channels: int, num_classes: int, dropout_ratio: float = 0.1, init: str = "mmseg") -> None:
         super().__init__(nn.Dropout2d(dropout_ratio), nn.Conv2d(channels, num_classes, 1))
+        if init not in CONV_SEG_INITS:
+            raise ValueError(f"conv_seg init {init!r}: expected one of {', '.join(CONV_SEG_INITS)}")
         if init == "mmseg":
             nn.init.normal_(self[1].weight, 0.0, 0.01)
             nn.init.zeros_(self[1].bias)
-        elif init != "pytorch":
-            raise ValueError(f"conv_seg init {init!r}: expected 'mmseg' or 'pytorch'")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 255,
